@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Cairn's one set-up script: installs everything a fresh Debian/Ubuntu machine needs
+# (apt packages, .venv, the project in editable mode, generated gRPC code), then runs
+# what you ask for. Re-running it is fast: each step checks whether it is already done.
+#
+#   ./run.sh setup          install only
+#   ./run.sh demo           install, then run the main job (a local Cairn stack)
+#   ./run.sh test [ARGS]    install, then run the whole test suite (ARGS go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+APT_PACKAGES="nats-server redis-server fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc git procps"
+
+say() { printf '[cairn-setup] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    say "need root (or sudo) to install: $*"; exit 1; fi
+}
+
+install_apt() {
+  local missing=()
+  for p in $APT_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  say "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The packaged services are not wanted running: Cairn starts its own on free ports.
+  for svc in redis-server nats-server; do
+    as_root systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  done
+}
+
+install_venv() {
+  local stamp="$VENV/.cairn-installed"
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    python3 -m venv "$VENV"
+  fi
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "installing Python dependencies into .venv"
+    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    touch "$stamp"
+  fi
+}
+
+generate_proto() {
+  "$VENV/bin/python" -m cairn.rpc.codegen
+}
+
+setup() {
+  install_apt
+  install_venv
+  generate_proto
+}
+
+cmd=${1:-setup}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo) setup; exec "$VENV/bin/cairn" demo "$@" ;;
+  test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  -h|--help|help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) say "unknown command '$cmd' (try: setup, demo, test)"; exit 2 ;;
+esac
