@@ -1,0 +1,255 @@
+"""The read half of the data path: file ranges -> chunks -> slice segments -> block ranges.
+
+For each chunk a read touches, `meta.read` answers the resolved segments (newest slice per
+byte, id 0 for holes); each segment names a byte range of one immutable slice, which
+`layout.block_ranges` turns into block ranges. Blocks are fetched concurrently (bounded):
+
+- whole blocks when a block cache is in front of the store (the cache keeps whole objects),
+  when the volume compresses (a compressed block can only be decoded whole), or when the
+  block is being read ahead; whole decoded blocks are kept in a small in-memory LRU;
+- ranged GETs otherwise, so a random 4 KiB read does not fetch 4 MiB.
+
+Block keys name immutable objects, so neither the LRU nor the cache can ever be stale.
+
+Read-ahead: each stream (a file handle, or the inode when no handle is given) remembers
+where its last read ended. A read that starts there doubles the stream's window (from one
+block up to `readahead_max`), and the blocks after the read, up to the window, are fetched
+in the background into the LRU (and through the cache, when there is one). A read
+elsewhere resets the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from cairn.chunk import layout
+from cairn.retry import retry
+from cairn.storage.compress import Codec, CorruptData, get_codec
+from cairn.storage.keys import block_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_FETCHES = 16
+DEFAULT_MEMORY_LIMIT = 64 * layout.MiB
+FETCH_DEADLINE = 60.0
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+@dataclass
+class _Stream:
+    """Sequential-access state of one handle."""
+
+    next_offset: int = -1
+    window: int = 0
+    ahead_end: int = 0  # read-ahead has been asked for everything before this offset
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Bytes [start, start + length) of a block, landing at `dest` in the answer."""
+
+    key: str
+    block_len: int
+    start: int
+    length: int
+    dest: int
+
+
+class ChunkReader:
+    """Reads file ranges from slices in the object store; one per mount."""
+
+    def __init__(
+        self,
+        meta: Any,
+        store: Any,
+        *,
+        volume: str | None = None,
+        block_size: int | None = None,
+        chunk_size: int | None = None,
+        compress: str | Codec | None = None,
+        cached: bool | None = None,
+        max_fetches: int = DEFAULT_MAX_FETCHES,
+        readahead_max: int | None = None,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    ) -> None:
+        fmt = getattr(meta, "fmt", None)
+        self.meta = meta
+        self.store = store
+        self.volume = volume or fmt.uuid
+        self.block_size = block_size or getattr(fmt, "block_size", layout.DEFAULT_BLOCK_SIZE)
+        self.chunk_size = chunk_size or getattr(fmt, "chunk_size", layout.DEFAULT_CHUNK_SIZE)
+        if compress is None:
+            compress = getattr(fmt, "compress", None)
+        self.codec = compress if isinstance(compress, Codec) else get_codec(compress)
+        # A store with a block cache in front (CachedStore) is read in whole blocks.
+        self.cached = hasattr(store, "cache") if cached is None else cached
+        self.whole_blocks = self.cached or self.codec.name != "none"
+        self.readahead_max = readahead_max if readahead_max is not None else 8 * self.block_size
+        self.memory_limit = memory_limit
+        self._slots = asyncio.Semaphore(max_fetches)
+        self._blocks: OrderedDict[str, bytes] = OrderedDict()  # decoded whole blocks
+        self._memory = 0
+        self._inflight: dict[str, asyncio.Task[bytes]] = {}
+        self._streams: dict[Hashable, _Stream] = {}
+        self._prefetches: set[asyncio.Task[None]] = set()
+
+    async def read(
+        self, inode: int, offset: int, size: int, file_length: int, handle: Hashable = None
+    ) -> bytes:
+        """Bytes [offset, offset + size) of the file, cut at `file_length`; holes are zeros."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"invalid read of {size} bytes at {offset}")
+        end = min(offset + size, file_length)
+        if end <= offset:
+            return b""
+        out = bytearray(end - offset)
+        pieces = await self._plan(inode, offset, end - offset)
+        view = memoryview(out)
+        await asyncio.gather(*(self._fill(view, p) for p in pieces))
+        self._read_ahead(inode, offset, end, file_length, handle)
+        return bytes(out)
+
+    def forget(self, handle: Hashable) -> None:
+        """Drop the read-ahead state of a released handle (or inode)."""
+        self._streams.pop(handle, None)
+
+    async def close(self) -> None:
+        """Stop background read-ahead and drop buffered blocks."""
+        for task in list(self._prefetches):
+            task.cancel()
+        await asyncio.gather(*self._prefetches, return_exceptions=True)
+        self._prefetches.clear()
+        self._blocks.clear()
+        self._memory = 0
+
+    # -- planning ------------------------------------------------------------
+
+    async def _plan(self, inode: int, offset: int, length: int) -> list[_Piece]:
+        """The block pieces that hold file range [offset, offset + length), holes left out."""
+        spans = list(layout.chunk_spans(offset, length, self.chunk_size))
+        views = await asyncio.gather(*(_maybe_await(self.meta.read(inode, s.index)) for s in spans))
+        pieces = []
+        for span, segments in zip(spans, views, strict=True):
+            pieces.extend(self._chunk_pieces(span, segments))
+        return pieces
+
+    def _chunk_pieces(self, span: layout.ChunkSpan, segments: list[Any]) -> list[_Piece]:
+        pieces = []
+        span_end = span.pos + span.length
+        pos = 0  # where the current segment starts inside the chunk
+        for seg in segments:
+            seg_end = pos + seg.len
+            lo, hi = max(pos, span.pos), min(seg_end, span_end)
+            if seg.id and lo < hi:
+                dest = span.buf_off + lo - span.pos
+                slice_off = seg.off + lo - pos
+                for br in layout.block_ranges(seg.size, slice_off, hi - lo, self.block_size):
+                    key = block_key(self.volume, seg.id, br.index, br.block_len)
+                    pieces.append(_Piece(key, br.block_len, br.start, br.length, dest))
+                    dest += br.length
+            pos = seg_end
+            if pos >= span_end:
+                break
+        return pieces
+
+    # -- fetching --------------------------------------------------------------
+
+    async def _fill(self, out: memoryview, piece: _Piece) -> None:
+        block = self._blocks.get(piece.key)
+        if block is not None:
+            self._blocks.move_to_end(piece.key)
+        elif self.whole_blocks or piece.key in self._inflight:
+            block = await self._whole_block(piece.key, piece.block_len)
+        if block is not None:
+            data: bytes | memoryview = memoryview(block)[piece.start : piece.start + piece.length]
+        else:
+            data = await self._ranged(piece)
+        out[piece.dest : piece.dest + piece.length] = data
+
+    async def _ranged(self, piece: _Piece) -> bytes:
+        async with self._slots:
+            data = await retry(
+                lambda: self.store.get(piece.key, piece.start, piece.length),
+                deadline=FETCH_DEADLINE,
+            )
+        if len(data) != piece.length:
+            raise CorruptData(
+                f"block {piece.key} is short: wanted {piece.length} bytes at {piece.start}, "
+                f"got {len(data)}"
+            )
+        return data
+
+    async def _whole_block(self, key: str, block_len: int) -> bytes:
+        """The decoded block, fetched once however many readers want it at the same time."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch_block(key, block_len))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _fetch_block(self, key: str, block_len: int) -> bytes:
+        async with self._slots:
+            stored = await retry(lambda: self.store.get(key), deadline=FETCH_DEADLINE)
+        if self.codec.name == "none":
+            data = stored
+        else:
+            data = await asyncio.to_thread(self.codec.decompress, stored)
+        if len(data) != block_len:
+            raise CorruptData(f"block {key} holds {len(data)} bytes, not {block_len}")
+        self._remember(key, data)
+        return data
+
+    def _remember(self, key: str, data: bytes) -> None:
+        if key in self._blocks or len(data) > self.memory_limit:
+            return
+        self._blocks[key] = data
+        self._memory += len(data)
+        while self._memory > self.memory_limit:
+            _, old = self._blocks.popitem(last=False)
+            self._memory -= len(old)
+
+    # -- read-ahead --------------------------------------------------------------
+
+    def _read_ahead(
+        self, inode: int, offset: int, end: int, file_length: int, handle: Hashable
+    ) -> None:
+        stream = self._streams.setdefault(inode if handle is None else handle, _Stream())
+        if offset == stream.next_offset:
+            stream.window = min(self.readahead_max, max(self.block_size, stream.window * 2))
+        else:
+            stream.window = 0
+            stream.ahead_end = 0
+        stream.next_offset = end
+        if not stream.window:
+            return
+        start = max(end, stream.ahead_end)
+        stop = min(end + stream.window, file_length)
+        if start >= stop:
+            return
+        stream.ahead_end = stop
+        task = asyncio.create_task(self._prefetch(inode, start, stop - start))
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
+
+    async def _prefetch(self, inode: int, offset: int, length: int) -> None:
+        try:
+            pieces = await self._plan(inode, offset, length)
+            wanted = {}
+            for p in pieces:
+                if p.key not in self._blocks:
+                    wanted.setdefault(p.key, p.block_len)
+            await asyncio.gather(*(self._whole_block(k, n) for k, n in wanted.items()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # read-ahead is a hint: the real read reports errors
+            log.debug("read-ahead of inode %d at %d failed: %s", inode, offset, error)

@@ -1,0 +1,1 @@
+"""Kubernetes adapters: the only place that imports the kubernetes clients."""

@@ -1,0 +1,1 @@
+"""The metadata engine: inodes, directories, chunks and slices, sessions, quotas, in Redis."""

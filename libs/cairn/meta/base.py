@@ -1,0 +1,394 @@
+"""The engine's foundations: the Redis connection, optimistic transactions, id batches,
+usage and quota accounting, and freeing the data of deleted files.
+
+Every multi-key change runs in `_txn`: WATCH the keys it reads, read, MULTI, queue the
+writes, EXEC; a conflict (another client changed a watched key) restarts it with backoff,
+and the restart is counted. Transactions of this process on the same inode are also
+serialised by local locks first, so a busy directory conflicts only across clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+
+from cairn.errors import ConfigError, ConflictError, FSError, UnavailableError
+from cairn.meta import keys
+from cairn.meta.slices import SliceRecord, unpack_records
+from cairn.meta.types import (
+    CHUNK_SIZE,
+    MAX_NLINK,
+    ROOT_INODE,
+    Attr,
+    Format,
+    Stats,
+    space_of,
+)
+from cairn.retry import Backoff, retry
+
+T = TypeVar("T")
+
+ID_BATCH = 1000
+TXN_BACKOFF = Backoff(initial=0.0005, maximum=0.05)
+TXN_DEADLINE = 60.0
+QUOTA_CACHE_SECONDS = 1.0
+PARENT_CACHE_SECONDS = 1.0
+CHUNK_BATCH = 256  # chunk keys handled per transaction when freeing a file
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}@" if parts.username else ""
+    return parts._replace(netloc=user + host).geturl()
+
+
+def connect(url: str) -> aioredis.Redis:
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"'{safe_url(url)}' is not a metadata URL: use redis://host:port/db")
+    try:
+        return aioredis.from_url(url, decode_responses=False, socket_connect_timeout=5)
+    except ValueError as error:
+        raise ConfigError(f"'{safe_url(url)}' is not a valid metadata URL: {error}") from None
+
+
+def unavailable(url: str, error: BaseException) -> UnavailableError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return UnavailableError(f"metadata engine {safe_url(url)} unreachable: {reason}")
+
+
+async def read_format(r: aioredis.Redis, url: str) -> Format | None:
+    try:
+        raw = await r.get(keys.SETTING)
+    except REDIS_ERRORS as error:
+        raise unavailable(url, error) from None
+    return None if raw is None else Format.from_dict(json.loads(raw))
+
+
+class _IdPool:
+    def __init__(self, key: str):
+        self.key = key
+        self.next = 1
+        self.end = 0
+        self.lock = asyncio.Lock()
+
+
+class Tx:
+    """One attempt of a transaction: reads run at once (after WATCH), writes queue after multi()."""
+
+    def __init__(self, pipe: Any):
+        self.p = pipe
+        self.queued = False
+        self.after: Callable[[list], Any] | None = None  # maps EXEC results to the value
+
+    async def watch(self, *names: str) -> None:
+        if names:
+            await self.p.watch(*names)
+
+    def multi(self) -> Any:
+        if not self.queued:
+            self.p.multi()
+            self.queued = True
+        return self.p
+
+
+class MetaBase:
+    """Connection, transactions, ids, accounting. Mixed into cairn.meta.engine.Meta."""
+
+    fmt: Format
+    max_nlink: int = MAX_NLINK
+
+    def __init__(self, url: str, r: aioredis.Redis, fmt: Format):
+        self.url = url
+        self.r = r
+        self.fmt = fmt
+        self.sid: int | None = None
+        self.stats = Stats()
+        self._inodes = _IdPool(keys.NEXT_INODE)
+        self._slices = _IdPool(keys.NEXT_SLICE)
+        self._locks = [asyncio.Lock() for _ in range(1024)]
+        self._quota_dirs: set[int] = set()
+        self._quota_loaded = 0.0
+        self._parents: dict[int, tuple[int, float]] = {}
+        self._opens: dict[int, int] = {}
+        self._trash_dirs: dict[bytes, int] = {}
+
+    # -- transactions -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _inode_locks(self, inodes: Iterable[int]):
+        stripes = sorted({ino % len(self._locks) for ino in inodes})
+        for s in stripes:
+            await self._locks[s].acquire()
+        try:
+            yield
+        finally:
+            for s in reversed(stripes):
+                self._locks[s].release()
+
+    async def _txn(
+        self,
+        body: Callable[[Tx], Awaitable[T]],
+        *watch: str,
+        lock: Iterable[int] = (),
+    ) -> T:
+        """Runs body in WATCH/MULTI/EXEC, restarting it while other clients conflict."""
+
+        async def attempt() -> T:
+            async with self.r.pipeline(transaction=True) as pipe:
+                tx = Tx(pipe)
+                await tx.watch(*watch)
+                value = await body(tx)
+                if tx.queued:
+                    results = await pipe.execute()
+                    if tx.after is not None:
+                        return tx.after(results)
+                return value
+
+        self.stats.txn += 1
+        async with self._inode_locks(lock):
+            try:
+                return await retry(
+                    attempt,
+                    deadline=TXN_DEADLINE,
+                    backoff=TXN_BACKOFF,
+                    retry_on=(WatchError,),
+                    on_retry=self._count_restart,
+                )
+            except WatchError as error:
+                raise ConflictError(f"transaction kept conflicting: {error}") from None
+            except REDIS_ERRORS as error:
+                raise unavailable(self.url, error) from None
+
+    def _count_restart(self, attempt: int, error: BaseException) -> None:
+        self.stats.txn_restarts += 1
+
+    # -- ids ------------------------------------------------------------------------------
+
+    async def _next_id(self, pool: _IdPool) -> int:
+        async with pool.lock:
+            if pool.next > pool.end:
+                end = await self.r.incrby(pool.key, ID_BATCH)
+                pool.next, pool.end = end - ID_BATCH + 1, end
+            value = pool.next
+            pool.next += 1
+            return value
+
+    async def _new_inode(self) -> int:
+        return await self._next_id(self._inodes)
+
+    async def new_slice_id(self) -> int:
+        """A fresh slice id (from a batch this client took from the counter)."""
+        return await self._next_id(self._slices)
+
+    # -- attributes -------------------------------------------------------------------------
+
+    async def _get_attr(self, client: Any, ino: int) -> Attr:
+        raw = await client.get(keys.attr(ino))
+        if raw is None:
+            raise FSError(errno.ENOENT, f"no inode {ino}")
+        return Attr.unpack(ino, raw)
+
+    async def _get_attrs(self, inodes: list[int]) -> list[Attr | None]:
+        if not inodes:
+            return []
+        raws = await self.r.mget([keys.attr(i) for i in inodes])
+        return [None if r is None else Attr.unpack(i, r) for i, r in zip(inodes, raws, strict=True)]
+
+    async def _get_dir(self, client: Any, ino: int) -> Attr:
+        attr = await self._get_attr(client, ino)
+        if not attr.is_dir():
+            raise FSError(errno.ENOTDIR, f"inode {ino} is not a directory")
+        return attr
+
+    # -- quota and usage accounting ---------------------------------------------------------
+
+    async def _quota_set(self) -> set[int]:
+        now = time.monotonic()
+        if now - self._quota_loaded > QUOTA_CACHE_SECONDS:
+            self._quota_dirs = {int(k) for k in await self.r.hkeys(keys.QUOTA)}
+            self._quota_loaded = now
+        return self._quota_dirs
+
+    def _forget_quotas(self) -> None:
+        self._quota_loaded = 0.0
+
+    async def _parent_of_dir(self, ino: int) -> int:
+        now = time.monotonic()
+        hit = self._parents.get(ino)
+        if hit and hit[1] > now:
+            return hit[0]
+        attr = await self._get_attr(self.r, ino)
+        self._parents[ino] = (attr.parent, now + PARENT_CACHE_SECONDS)
+        if len(self._parents) > 100_000:
+            self._parents.clear()
+        return attr.parent
+
+    async def _ancestors(self, ino: int) -> list[int]:
+        """ino and the directories above it up to the root."""
+        chain = [ino]
+        seen = {ino}
+        while ino != ROOT_INODE:
+            try:
+                ino = await self._parent_of_dir(ino)
+            except FSError:
+                break
+            if ino == 0 or ino in seen:
+                break
+            chain.append(ino)
+            seen.add(ino)
+        return chain
+
+    async def _quota_chain(self, parent: int) -> list[int]:
+        """The directories with a quota that contain entries of `parent` (parent included)."""
+        if not parent:
+            return []
+        quotas = await self._quota_set()
+        if not quotas:
+            return []
+        return [d for d in await self._ancestors(parent) if d in quotas]
+
+    async def _check_usage(
+        self, dirs: list[int], space: int, inodes: int, volume: bool = True
+    ) -> None:
+        """ENOSPC past the volume's capacity or inode limit, EDQUOT past a directory quota."""
+        if space <= 0 and inodes <= 0:
+            return
+        fmt = self.fmt
+        if volume and ((space > 0 and fmt.capacity) or (inodes > 0 and fmt.inodes)):
+            used_space, used_inodes = await self.r.mget(keys.USED_SPACE, keys.USED_INODES)
+            if space > 0 and fmt.capacity and int(used_space or 0) + space > fmt.capacity:
+                raise FSError(errno.ENOSPC, "volume capacity reached")
+            if inodes > 0 and fmt.inodes and int(used_inodes or 0) + inodes > fmt.inodes:
+                raise FSError(errno.ENOSPC, "volume inode limit reached")
+        if not dirs:
+            return
+        names = [str(d) for d in dirs]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(keys.QUOTA, names)
+        pipe.hmget(keys.QUOTA_SPACE, names)
+        pipe.hmget(keys.QUOTA_INODES, names)
+        limits, used_s, used_i = await pipe.execute()
+        for d, lim, us, ui in zip(dirs, limits, used_s, used_i, strict=True):
+            if lim is None:
+                continue
+            max_space, max_inodes = (int(x) for x in lim.split(b","))
+            if space > 0 and max_space and int(us or 0) + space > max_space:
+                raise FSError(errno.EDQUOT, f"quota of directory {d} exceeded (space)")
+            if inodes > 0 and max_inodes and int(ui or 0) + inodes > max_inodes:
+                raise FSError(errno.EDQUOT, f"quota of directory {d} exceeded (inodes)")
+
+    @staticmethod
+    def _queue_usage(
+        pipe: Any, dirs: list[int], space: int, inodes: int, volume: bool = True
+    ) -> None:
+        """Queues usage changes for the volume (unless volume=False) and each quota dir."""
+        if volume:
+            if space:
+                pipe.incrby(keys.USED_SPACE, space)
+            if inodes:
+                pipe.incrby(keys.USED_INODES, inodes)
+        for d in dirs:
+            if space:
+                pipe.hincrby(keys.QUOTA_SPACE, str(d), space)
+            if inodes:
+                pipe.hincrby(keys.QUOTA_INODES, str(d), inodes)
+
+    # -- deleting inodes and freeing data -----------------------------------------------
+
+    def _queue_remove_inode(self, pipe: Any, attr: Attr) -> bool:
+        """Queues removal of an inode's keys and its volume usage; True if chunks must go too."""
+        ino = attr.inode
+        pipe.delete(keys.attr(ino), keys.xattrs(ino), keys.parents(ino), keys.opened(ino))
+        if attr.type == 0o120000:
+            pipe.delete(keys.symlink(ino))
+        if attr.is_dir():
+            pipe.delete(keys.entries(ino), keys.names(ino))
+        self._queue_usage(pipe, [], -space_of(attr), -1)
+        if attr.is_file() and attr.size > 0:
+            pipe.zadd(keys.DELETED_FILES, {f"{ino}:{attr.size}": time.time()})
+            return True
+        return False
+
+    async def _free_file(self, ino: int, size: int) -> None:
+        """Drops every chunk of a deleted file, releasing its slices, then forgets the file."""
+        last = (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+        for start in range(0, last, CHUNK_BATCH):
+            await self._drop_chunks(ino, range(start, min(last, start + CHUNK_BATCH)))
+        await self.r.zrem(keys.DELETED_FILES, f"{ino}:{size}")
+
+    async def _drop_chunks(self, ino: int, indexes: Iterable[int], trash: bool = False) -> None:
+        """Deletes chunk lists and dereferences their slices, in one transaction."""
+        names = [keys.chunk(ino, i) for i in indexes]
+        if not names:
+            return
+
+        async def body(tx: Tx) -> None:
+            pipe = self.r.pipeline(transaction=False)
+            for name in names:
+                pipe.lrange(name, 0, -1)
+            lists = await pipe.execute()
+            members = [
+                keys.slice_key(rec.id, rec.size)
+                for raw in lists
+                for rec in unpack_records(raw)
+                if rec.id
+            ]
+            p = tx.multi()
+            p.delete(*names)
+            for m in members:
+                p.hincrby(keys.SLICE_REFS, m, -1)
+            tx.after = lambda results: _released(members, results[1:])
+
+        released = await self._txn(body, *names)
+        await self._release_slices(released, trash)
+
+    async def _release_slices(self, members: list[str], trash: bool = False) -> None:
+        """Slices no chunk names any more: forget their counts and queue their objects."""
+        if not members:
+            return
+        due = time.time() + (self.fmt.trash_days * 86400 if trash else 0)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(keys.SLICE_REFS, *members)
+        pipe.zadd(keys.DELETED_SLICES, dict.fromkeys(members, due))
+        await pipe.execute()
+
+    async def _deref_records(self, records: Iterable[SliceRecord], trash: bool = False) -> None:
+        members = [keys.slice_key(r.id, r.size) for r in records if r.id]
+        if not members:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        for m in members:
+            pipe.hincrby(keys.SLICE_REFS, m, -1)
+        results = await pipe.execute()
+        await self._release_slices(_released(members, results), trash)
+
+
+def _released(members: list[str], counts: list[Any]) -> list[str]:
+    """Members whose last count (of HINCRBY results, in order) reached zero or below."""
+    final: dict[str, int] = {}
+    for m, c in zip(members, counts, strict=False):
+        final[m] = int(c)
+    return [m for m, c in final.items() if c <= 0]

@@ -1,0 +1,74 @@
+"""Client sessions: each mount registers, heartbeats, and is cleaned up by anyone once its
+heartbeats stop (its locks released, the unlinked files it held open deleted)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from cairn.meta import keys
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class SessionMixin:
+    async def new_session(self, info: dict) -> int:
+        sid = await self.r.incr(keys.NEXT_SESSION)
+        now = time.time()
+        record = {"started": now, **info}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.session(sid), mapping={k: _text(v) for k, v in record.items()})
+        pipe.zadd(keys.SESSIONS, {str(sid): now})
+        await pipe.execute()
+        self.sid = sid
+        return sid
+
+    async def heartbeat(self) -> None:
+        if self.sid is not None:
+            await self.r.zadd(keys.SESSIONS, {str(self.sid): time.time()})
+
+    async def close_session(self) -> None:
+        """Ends this client's session: its opens and locks go."""
+        sid = self.sid
+        if sid is None:
+            return
+        self._opens.clear()
+        await self._cleanup_session(sid)
+        self.sid = None
+
+    async def clean_expired_sessions(self, timeout: float = 60) -> int:  # noqa: ASYNC109
+        """Cleans the sessions whose last heartbeat is older than timeout seconds."""
+        stale = await self.r.zrangebyscore(keys.SESSIONS, "-inf", time.time() - timeout)
+        count = 0
+        for raw in stale:
+            sid = int(raw)
+            if sid == self.sid:
+                continue
+            await self._cleanup_session(sid)
+            count += 1
+        return count
+
+    async def _cleanup_session(self, sid: int) -> None:
+        await self._release_locks(sid)
+        for raw in await self.r.smembers(keys.session_open(sid)):
+            await self._release_open(int(raw), sid)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrem(keys.SESSIONS, str(sid))
+        pipe.delete(keys.session(sid), keys.session_open(sid), keys.session_locks(sid))
+        await pipe.execute()
+
+    async def list_sessions(self) -> list[dict]:
+        out = []
+        for raw, beat in await self.r.zrange(keys.SESSIONS, 0, -1, withscores=True):
+            sid = int(raw)
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hgetall(keys.session(sid))
+            pipe.scard(keys.session_open(sid))
+            pipe.scard(keys.session_locks(sid))
+            info, opened, locked = await pipe.execute()
+            record = {k.decode(): v.decode() for k, v in info.items()}
+            record.update(sid=sid, heartbeat=beat, open_files=opened, lock_keys=locked)
+            out.append(record)
+        return out
