@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit
 
 from cairn.config import META_URL, NATS_URL, Setting, check_url, redact
 from cairn.errors import ConfigError, UnavailableError
@@ -19,24 +20,26 @@ def _unreachable(setting: Setting, url: str, why: object, hint: str) -> Unavaila
 
 
 async def nats(url: str, name: str = "cairn", timeout: float = 3.0, **options):
-    """A connected nats.aio.client.Client; raises UnavailableError if nats-server is down."""
+    """A connected nats.aio.client.Client without reconnects (for start-up checks and
+    short-lived tools); raises UnavailableError naming the URL if nats-server is down."""
     import nats as nats_py
     from nats.errors import NoServersError
 
     check_url(NATS_URL, url)
-    errors: list[BaseException] = []
-
-    async def on_error(error: BaseException) -> None:
-        errors.append(error)
-
+    parts = urlsplit(url)
+    try:  # nats-py retries a refused first connect for a long time: check TCP first
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or 4222), timeout)
+        writer.close()
+        await writer.wait_closed()
+    except (OSError, TimeoutError) as error:
+        raise _unreachable(NATS_URL, url, _short(error), "start nats-server with -js") from None
     try:
         return await nats_py.connect(url, name=name, connect_timeout=timeout,
-                                     allow_reconnect=options.pop("allow_reconnect", True),
-                                     max_reconnect_attempts=options.pop("max_reconnect_attempts", -1),
-                                     error_cb=on_error, **options)
+                                     allow_reconnect=False, max_reconnect_attempts=0,
+                                     **options)
     except (NoServersError, OSError, asyncio.TimeoutError) as error:
-        why = errors[-1] if errors else error
-        raise _unreachable(NATS_URL, url, _short(why), "start nats-server with -js") from None
+        raise _unreachable(NATS_URL, url, _short(error), "start nats-server with -js") from None
 
 
 async def redis(url: str, timeout: float = 3.0):
@@ -68,3 +71,13 @@ async def redis(url: str, timeout: float = 3.0):
 def _short(error: object) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text[:160]
+
+
+async def ping_redis(client, url: str, timeout: float = 2.0) -> None:
+    """Raises UnavailableError (one line) unless the Redis behind `client` answers."""
+    from redis.exceptions import RedisError
+
+    try:
+        await asyncio.wait_for(client.ping(), timeout)
+    except (RedisError, OSError, TimeoutError) as error:
+        raise _unreachable(META_URL, url, _short(error), "start redis-server") from None

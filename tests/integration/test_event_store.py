@@ -9,6 +9,7 @@ import time
 import nats
 import pytest
 
+from cairn.bench import events as bench
 from cairn.errors import ConflictError, PermanentError, TemporaryError, UnavailableError
 from cairn.events import (
     AppendRequest,
@@ -22,7 +23,6 @@ from cairn.events import (
     VolumeRequested,
     VolumeStaged,
 )
-from cairn.events.bench import events as bench
 
 
 @pytest.fixture
@@ -52,16 +52,19 @@ def requested(name="pvc-1"):
 async def test_append_then_load_in_order(store):
     first = await store.append("volume", "v1", [requested()], expected_version=0)
     assert (first.version, first.sequence) == (1, 1)
-    more = await store.append("volume", "v1", [VolumeProvisioned(capacity_bytes=1 << 30),
-                                               VolumeAttached(node="n1")],
-                              expected_version=1, expected_sequence=first.sequence)
+    more = await store.append(
+        "volume",
+        "v1",
+        [VolumeProvisioned(capacity_bytes=1 << 30), VolumeAttached(node="n1")],
+        expected_version=1,
+        expected_sequence=first.sequence,
+    )
     assert more.version == 3
     await store.append("volume", "other", [requested("pvc-2")], expected_version=0)
 
     history = await store.load("volume", "v1")
     assert [e.version for e in history] == [1, 2, 3]
-    assert [e.type for e in history] == ["VolumeRequested", "VolumeProvisioned",
-                                         "VolumeAttached"]
+    assert [e.type for e in history] == ["VolumeRequested", "VolumeProvisioned", "VolumeAttached"]
     assert history.version == 3 and history.sequence == more.sequence
     assert history.events()[2] == VolumeAttached(node="n1")
     assert (await store.load("volume", "nobody")).sequence == 0
@@ -71,7 +74,7 @@ async def test_stream_is_created_with_file_storage_and_reused(bus, store, js, st
     store = EventStore(bus, stream_name, subject_prefix=store.prefix, max_age=3600)
     await store.append("volume", "v1", [requested()], expected_version=0)
     info = await js.stream_info(stream_name)
-    assert info.config.storage.value == "file"
+    assert info.config.storage == "file"
     assert info.config.subjects == [f"{store.prefix}.>"]
     assert info.config.max_age == 3600
     assert info.config.duplicate_window == 900  # longer than JetStream's 2-minute default
@@ -99,20 +102,37 @@ async def test_two_writers_from_the_same_version_one_conflicts_then_succeeds(sto
     seen_by_b = await store.load("volume", "v1")
 
     results = await asyncio.gather(
-        store.append("volume", "v1", [VolumeAttached(node="a")], seen_by_a.version,
-                     expected_sequence=seen_by_a.sequence),
-        store.append("volume", "v1", [VolumeAttached(node="b")], seen_by_b.version,
-                     expected_sequence=seen_by_b.sequence),
-        return_exceptions=True)
+        store.append(
+            "volume",
+            "v1",
+            [VolumeAttached(node="a")],
+            seen_by_a.version,
+            expected_sequence=seen_by_a.sequence,
+        ),
+        store.append(
+            "volume",
+            "v1",
+            [VolumeAttached(node="b")],
+            seen_by_b.version,
+            expected_sequence=seen_by_b.sequence,
+        ),
+        return_exceptions=True,
+    )
     assert sorted(type(r).__name__ for r in results) == ["Appended", "ConflictError"]
-    loser = "a" if isinstance(results[0], ConflictError) else "b"
+    winner, loser = ("b", "a") if isinstance(results[0], ConflictError) else ("a", "b")
 
     reloaded = await store.load("volume", "v1")
     assert reloaded.version == 2
-    retried = await store.append("volume", "v1", [VolumeAttached(node=loser)],
-                                 reloaded.version, expected_sequence=reloaded.sequence)
+    retried = await store.append(
+        "volume",
+        "v1",
+        [VolumeAttached(node=loser)],
+        reloaded.version,
+        expected_sequence=reloaded.sequence,
+    )
     assert retried.version == 3
-    assert [e.payload.get("node") for e in await store.load("volume", "v1")][1:] != [loser, loser]
+    nodes = [e.payload.get("node") for e in await store.load("volume", "v1")]
+    assert nodes == [None, winner, loser]
 
 
 async def test_stale_version_or_sequence_is_a_conflict(store):
@@ -136,10 +156,13 @@ async def test_append_with_retry_reloads_on_conflict(store):
             if len(calls) <= 2:
                 await both_loaded.wait()  # both writers decide on the same version
             return [VolumeAttached(node=node)]
+
         return decide
 
-    a, b = await asyncio.gather(store.append_with_retry("volume", "v1", decide_for("a")),
-                                store.append_with_retry("volume", "v1", decide_for("b")))
+    a, b = await asyncio.gather(
+        store.append_with_retry("volume", "v1", decide_for("a")),
+        store.append_with_retry("volume", "v1", decide_for("b")),
+    )
     assert sorted([a.version, b.version]) == [2, 3]
     assert len(calls) == 3  # the loser decided again, on version 2
     assert calls[2][1] == 2
@@ -147,10 +170,18 @@ async def test_append_with_retry_reloads_on_conflict(store):
 
 
 async def test_aggregate_ids_are_sanitized_for_subjects(store):
-    await store.append("node", "node-a.example.com", [NodeCapacityReported(
-        node="node-a.example.com", capacity_bytes=10, available_bytes=5)], expected_version=0)
-    await store.append("node", "node-a%2Eexample%2Ecom", [NodeCapacityReported(
-        node="x", capacity_bytes=1, available_bytes=1)], expected_version=0)
+    await store.append(
+        "node",
+        "node-a.example.com",
+        [NodeCapacityReported(node="node-a.example.com", capacity_bytes=10, available_bytes=5)],
+        expected_version=0,
+    )
+    await store.append(
+        "node",
+        "node-a%2Eexample%2Ecom",
+        [NodeCapacityReported(node="x", capacity_bytes=1, available_bytes=1)],
+        expected_version=0,
+    )
     history = await store.load("node", "node-a.example.com")
     assert len(history) == 1 and history.envelopes[0].aggregate_id == "node-a.example.com"
     assert len(await store.load("node", "node-a%2Eexample%2Ecom")) == 1
@@ -159,8 +190,13 @@ async def test_aggregate_ids_are_sanitized_for_subjects(store):
 async def test_long_history_loads_correctly_and_fast(store):
     last = None
     for i in range(300):
-        last = await store.append("volume", "busy", [VolumeStaged(node="n", staging_path=f"/{i}")],
-                                  i, expected_sequence=last.sequence if last else 0)
+        last = await store.append(
+            "volume",
+            "busy",
+            [VolumeStaged(node="n", staging_path=f"/{i}")],
+            i,
+            expected_sequence=last.sequence if last else 0,
+        )
         await store.append("volume", f"quiet-{i % 3}", [requested()], None)
     started = time.perf_counter()
     history = await store.load("volume", "busy")
@@ -182,14 +218,16 @@ async def test_read_all_replays_in_stream_order(store):
 
 async def test_append_many_pipelines_optimistic_appends(store):
     await store.append("volume", "v0", [requested()], expected_version=0)
-    requests = [AppendRequest("volume", f"v{i}", [VolumeAttached(node="n"),
-                                                  VolumeAttached(node="m")])
-                for i in range(20)]
-    requests.append(AppendRequest("volume", "v0", [VolumeAttached(node="late")],
-                                  expected_version=0))  # stale
+    requests = [
+        AppendRequest("volume", f"v{i}", [VolumeAttached(node="n"), VolumeAttached(node="m")])
+        for i in range(1, 21)
+    ]
+    requests.append(
+        AppendRequest("volume", "v0", [VolumeAttached(node="late")], expected_version=0)
+    )  # stale
     results = await store.append_many(requests)
     assert isinstance(results[-1], ConflictError)
-    assert results[0].version == 3 and results[1].version == 2
+    assert [r.version for r in results[:-1]] == [2] * 20
     assert await store.last_sequence() == 1 + 40
     assert [e.version for e in await store.load("volume", "v7")] == [1, 2]
 
@@ -226,6 +264,21 @@ async def test_consumer_handles_every_event_once(store):
     again = Consumer(store, "all", handler)  # a restart resumes after the acked events
     assert await again.process_batch(wait=0.2) == 0
     await again.close()
+
+
+async def test_consumer_run_handles_new_events_until_stopped(store):
+    handled = asyncio.Queue()
+
+    async def handler(event, envelope):
+        await handled.put(event)
+
+    consumer = Consumer(store, "runner", handler)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(consumer.run(stop, poll=0.2))
+    await store.append("volume", "v1", [requested()], expected_version=0)
+    assert await asyncio.wait_for(handled.get(), 5) == requested()
+    stop.set()
+    await asyncio.wait_for(runner, 5)
 
 
 async def test_temporary_failure_is_redelivered_with_delay(store):

@@ -298,6 +298,17 @@ def test_s3_credentials_are_minio_credentials():
     assert len(minio["MINIO_ROOT_PASSWORD"]) >= 8, "MinIO refuses passwords under 8 characters"
 
 
+def test_images_carry_the_s3_client_when_the_stack_uses_s3():
+    # cairn.storage.s3 imports boto3 lazily, so a missing client shows only at start-up.
+    dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    if any(re.match(r"boto3\b", dep) for dep in dependencies):
+        return
+    for name, svc in cairn_services().items():
+        if environment(svc).get("CAIRN_STORAGE_URL", "").startswith("s3://"):
+            installs = [line for line in final_stage(dockerfile_path(svc)) if "pip install" in line]
+            assert any("boto3" in line for line in installs), f"{name}: image has no boto3"
+
+
 def test_the_bucket_is_created_before_meta_starts():
     bucket = urlsplit(environment(services()["cairn-meta"])["CAIRN_STORAGE_URL"]).hostname
     init = services()["minio-init"]

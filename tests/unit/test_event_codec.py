@@ -22,8 +22,9 @@ from cairn.events.types import (
 
 def test_round_trip_keeps_every_field():
     event = VolumeRequested(name="pvc-1", capacity_bytes=10 << 30, parameters={"type": "local"})
-    envelope = Envelope.wrap(event, "vol-1", 3, trace={"traceparent": "00-" + "a" * 32 + "-"
-                                                                    + "b" * 16 + "-01"})
+    envelope = Envelope.wrap(
+        event, "vol-1", 3, trace={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    )
     back = codec.decode(codec.encode(envelope))
     assert back == envelope
     assert back.type == "VolumeRequested" and back.aggregate == "volume"
@@ -56,14 +57,18 @@ def test_trace_context_comes_from_the_active_span():
     provider.shutdown()
 
 
-@pytest.mark.parametrize("data", [
-    b"",
-    b"\xc1",  # a byte msgpack never uses
-    b"\x93\x01\x02",  # truncated array
-    msgpack.packb([1, 2, 3]),
-    msgpack.packb({"format": 99}),
-    msgpack.packb("just a string"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",  # a byte msgpack never uses
+        b"\x93\x01\x02",  # truncated array
+        b"\xd4\x01\x02",  # a msgpack extension type
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"format": 99}),
+        msgpack.packb("just a string"),
+    ],
+)
 def test_garbage_raises_codec_error(data):
     with pytest.raises(CodecError):
         codec.decode(data)
@@ -76,15 +81,18 @@ def _body(**changes):
     return body
 
 
-@pytest.mark.parametrize("changes", [
-    {"version": "1"},
-    {"version": True},
-    {"version": -1},
-    {"payload": [1]},
-    {"trace": {"traceparent": 5}},
-    {"event_id": None},
-    {"occurred_at": "yesterday"},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"version": "1"},
+        {"version": True},
+        {"version": -1},
+        {"payload": [1]},
+        {"trace": {"traceparent": 5}},
+        {"event_id": None},
+        {"occurred_at": "yesterday"},
+    ],
+)
 def test_mistyped_fields_raise_codec_error(changes):
     with pytest.raises(CodecError):
         codec.decode(msgpack.packb(_body(**changes)))
@@ -117,8 +125,9 @@ def test_payload_that_does_not_fit_the_class_is_a_codec_error():
     with pytest.raises(CodecError, match="target_path"):
         codec.decode(msgpack.packb(_body(payload={"node": "n"}))).event()
     with pytest.raises(CodecError, match="read_only"):
-        codec.decode(msgpack.packb(_body(payload={"node": "n", "target_path": "/t",
-                                                  "read_only": "yes"}))).event()
+        codec.decode(
+            msgpack.packb(_body(payload={"node": "n", "target_path": "/t", "read_only": "yes"}))
+        ).event()
 
 
 def test_event_of_the_wrong_aggregate_is_a_codec_error():
@@ -127,18 +136,32 @@ def test_event_of_the_wrong_aggregate_is_a_codec_error():
 
 
 def test_unencodable_payload_raises_codec_error():
-    envelope = Envelope.wrap(VolumeRequested(name="x", capacity_bytes=1,
-                                             parameters={"bad": object()}), "v", 1)
+    envelope = Envelope.wrap(
+        VolumeRequested(name="x", capacity_bytes=1, parameters={"bad": object()}), "v", 1
+    )
     with pytest.raises(CodecError):
         codec.encode(envelope)
 
 
 def test_registry_knows_the_required_events():
-    required = {"ServiceStarted", "ServiceStopped", "VolumeRequested", "VolumeProvisioned",
-                "ProvisioningFailed", "VolumeDeleted", "VolumeAttached", "VolumeDetached",
-                "VolumeStaged", "VolumePublished", "VolumeUnpublished", "VolumeUnstaged",
-                "MountRecovered", "NodeCapacityReported", "NodeCacheReported",
-                "FileSystemFormatted"}
+    required = {
+        "ServiceStarted",
+        "ServiceStopped",
+        "VolumeRequested",
+        "VolumeProvisioned",
+        "ProvisioningFailed",
+        "VolumeDeleted",
+        "VolumeAttached",
+        "VolumeDetached",
+        "VolumeStaged",
+        "VolumePublished",
+        "VolumeUnpublished",
+        "VolumeUnstaged",
+        "MountRecovered",
+        "NodeCapacityReported",
+        "NodeCacheReported",
+        "FileSystemFormatted",
+    }
     assert required <= set(types.registered())
     for name, cls in types.registered().items():
         assert name.endswith("ed"), f"{name} is not in the past tense"

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cairn.chunk import layout
+from cairn.errors import InvalidArgument
 from cairn.retry import retry
 from cairn.storage.compress import Codec, CorruptData, get_codec
 from cairn.storage.keys import block_key
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_FETCHES = 16
 DEFAULT_MEMORY_LIMIT = 64 * layout.MiB
 FETCH_DEADLINE = 60.0
+MAX_STREAMS = 10_000
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -107,7 +109,7 @@ class ChunkReader:
     ) -> bytes:
         """Bytes [offset, offset + size) of the file, cut at `file_length`; holes are zeros."""
         if offset < 0 or size < 0:
-            raise ValueError(f"invalid read of {size} bytes at {offset}")
+            raise InvalidArgument(f"invalid read of {size} bytes at {offset}")
         end = min(offset + size, file_length)
         if end <= offset:
             return b""
@@ -116,6 +118,14 @@ class ChunkReader:
         view = memoryview(out)
         await asyncio.gather(*(self._fill(view, p) for p in pieces))
         self._read_ahead(inode, offset, end, file_length, handle)
+        return bytes(out)
+
+    async def read_segments(self, segments: list[Any], pos: int, length: int) -> bytes:
+        """Bytes [pos, pos + length) of a chunk already resolved into `segments` (compaction)."""
+        out = bytearray(length)
+        view = memoryview(out)
+        span = layout.ChunkSpan(0, pos, length, 0)
+        await asyncio.gather(*(self._fill(view, p) for p in self._chunk_pieces(span, segments)))
         return bytes(out)
 
     def forget(self, handle: Hashable) -> None:
@@ -223,7 +233,10 @@ class ChunkReader:
     def _read_ahead(
         self, inode: int, offset: int, end: int, file_length: int, handle: Hashable
     ) -> None:
-        stream = self._streams.setdefault(inode if handle is None else handle, _Stream())
+        key = inode if handle is None else handle
+        if key not in self._streams and len(self._streams) >= MAX_STREAMS:
+            self._streams.clear()  # handles never forgotten: start over rather than grow
+        stream = self._streams.setdefault(key, _Stream())
         if offset == stream.next_offset:
             stream.window = min(self.readahead_max, max(self.block_size, stream.window * 2))
         else:

@@ -30,7 +30,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cairn.chunk import layout
-from cairn.meta.types import SliceView
+from cairn.errors import ConflictError, FSError
+from cairn.meta.types import ROOT_CTX, SliceView
 from cairn.retry import retry
 from cairn.storage.compress import Codec, get_codec
 from cairn.storage.keys import block_key
@@ -42,6 +43,11 @@ DEFAULT_BUFFER_LIMIT = 256 * layout.MiB
 # More open slices than this in one file forces a flush: each is a metadata record to be,
 # and a file with many tiny slices is better committed (and later compacted) early.
 MAX_OPEN_SLICES = 64
+# An open slice older than this is committed at the next write to its file: blocks uploaded
+# early must be named by metadata well within gc's grace period for unreferenced objects.
+MAX_SLICE_AGE = 300.0
+# The background flusher (start()) commits a file none of whose slices changed for this long.
+IDLE_FLUSH = 5.0
 # Objects are put with retries on temporary errors for this long before a flush fails.
 UPLOAD_DEADLINE = 120.0
 
@@ -50,6 +56,10 @@ _sequence = itertools.count()
 
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
+
+
+def _block_bounds(length: int, block_size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + block_size, length)) for i in range(0, length, block_size)]
 
 
 class SliceWriter:
@@ -65,7 +75,7 @@ class SliceWriter:
         self.length = 0
         self.frozen = 0
         self.mtime_ns = time.time_ns()
-        self.touched = time.monotonic()
+        self.created = self.touched = time.monotonic()
         self.seq = next(_sequence)
         self.tail = bytearray()
         self.uploads: list[asyncio.Task[None]] = []
@@ -148,7 +158,9 @@ class FileWriter:
             self._write_chunk(span.index, span.pos, piece)
         if len(view):
             self.end = max(self.end, offset + len(view))
-        if self.open_slices > MAX_OPEN_SLICES:
+        if self.owner.uploading:
+            await asyncio.sleep(0)  # let the uploads just started begin
+        if self.open_slices > MAX_OPEN_SLICES or self._oldest_age() > MAX_SLICE_AGE:
             await self.flush()
         await self.owner._relieve(self)
 
@@ -176,6 +188,10 @@ class FileWriter:
                 return None
         return None
 
+    def _oldest_age(self) -> float:
+        created = [s.created for chunk in self.chunks.values() for s in chunk]
+        return time.monotonic() - min(created) if created else 0.0
+
     async def flush(self) -> None:
         """Upload every buffered byte of this file, then commit its slices in write order."""
         async with self._flush_lock:
@@ -200,12 +216,22 @@ class FileWriter:
             try:
                 await asyncio.gather(*s.uploads)
                 slice_id = await s.id_task
-                await owner._call_write(self.ctx, self.inode, s, slice_id)
             except BaseException:
                 # Nothing of these slices is in metadata: their objects would only leak.
                 await owner._discard(slices[i:])
                 raise
+            try:
+                attr = await owner._call_write(self.ctx, self.inode, s, slice_id)
+            except (FSError, ConflictError):  # refused: the slice is certainly not committed
+                await owner._discard(slices[i:])
+                raise
+            except BaseException:
+                # The commit may have happened with its answer lost: this slice's objects
+                # are left for gc, which deletes them only if nothing names them.
+                await owner._discard(slices[i + 1 :])
+                raise
             s.uploads.clear()
+            await owner._committed(self.inode, s.index, attr)
 
     async def close(self) -> None:
         """Flush and drop one reference (fsync/close = flush)."""
@@ -242,9 +268,12 @@ class ChunkWriter:
         self.codec = compress if isinstance(compress, Codec) else get_codec(compress)
         self.buffer_limit = buffer_limit
         self.buffered = 0  # bytes in tails plus blocks not yet stored
+        self.uploading = 0  # of those, bytes of blocks handed to uploads
+        self._landed = asyncio.Event()
         self.on_commit = on_commit
         self._slots = asyncio.Semaphore(max_uploads)
         self._files: dict[int, FileWriter] = {}
+        self._background: asyncio.Task[None] | None = None
 
     # -- files ---------------------------------------------------------------
 
@@ -304,13 +333,39 @@ class ChunkWriter:
                 except Exception:
                     log.exception("background flush of inode %d failed", inode)
 
+    def start(self, idle_seconds: float = IDLE_FLUSH, interval: float = 1.0) -> None:
+        """Flush idle files in the background, as a mount does, until close()."""
+        if self._background is None:
+            self._background = asyncio.create_task(self._flush_loop(idle_seconds, interval))
+
+    async def _flush_loop(self, idle_seconds: float, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush_idle(idle_seconds)
+
+    async def close(self) -> None:
+        """Stop the background flusher and flush every file (unmount)."""
+        if self._background is not None:
+            self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
+            self._background = None
+        await self.flush_all()
+
     def _release(self, writer: FileWriter) -> None:
         writer.refs -= 1
         if writer.refs <= 0 and not writer.pending() and self._files.get(writer.inode) is writer:
             del self._files[writer.inode]
 
     async def _relieve(self, writing: FileWriter) -> None:
-        """Back-pressure: flush until the buffered bytes are under the limit again."""
+        """Back-pressure: wait until the buffered bytes are under the limit again.
+
+        Blocks in flight free their memory as they land, so those are waited for first;
+        if unflushed tails still hold too much, the writing file (then the fullest other
+        file) is flushed.
+        """
+        while self.buffered > self.buffer_limit and self.uploading:
+            self._landed.clear()
+            await self._landed.wait()
         if self.buffered <= self.buffer_limit:
             return
         await writing.flush()
@@ -322,9 +377,29 @@ class ChunkWriter:
 
     # -- blocks and commits ----------------------------------------------------
 
+    async def upload_slice(self, data: bytes | memoryview) -> int:
+        """Store `data` as the blocks of a new slice and return its id (nothing is committed).
+
+        For compaction and copies that build a slice whole; the caller commits it, or the
+        objects are left to gc.
+        """
+        s = SliceWriter(0, 0)
+        view = memoryview(data).cast("B")
+        self.buffered += len(view)
+        for block_index, (start, end) in enumerate(_block_bounds(len(view), self.block_size)):
+            self._start_upload(s, block_index, bytes(view[start:end]))
+        try:
+            await asyncio.gather(*s.uploads)
+        except BaseException:
+            s.length = len(view)
+            await self._discard([s])
+            raise
+        return await s.id_task if s.id_task is not None else 0
+
     def _start_upload(self, s: SliceWriter, block_index: int, data: bytes) -> None:
         if s.id_task is None:
             s.id_task = asyncio.ensure_future(_maybe_await(self.meta.new_slice_id()))
+        self.uploading += len(data)
         s.uploads.append(asyncio.create_task(self._upload(s.id_task, block_index, data)))
 
     async def _upload(self, id_task: asyncio.Future[int], block_index: int, data: bytes) -> None:
@@ -339,14 +414,22 @@ class ChunkWriter:
                 await retry(lambda: self.store.put(key, stored), deadline=UPLOAD_DEADLINE)
         finally:
             self.buffered -= len(data)
+            self.uploading -= len(data)
+            self._landed.set()
 
-    async def _call_write(self, ctx: Any, inode: int, s: SliceWriter, slice_id: int) -> None:
+    async def _call_write(self, ctx: Any, inode: int, s: SliceWriter, slice_id: int) -> Any:
         view = SliceView(slice_id, s.length, 0, s.length)
-        attr = await _maybe_await(
-            self.meta.write(ctx, inode, s.index, s.pos, view, mtime_ns=s.mtime_ns)
+        return await _maybe_await(
+            self.meta.write(ctx or ROOT_CTX, inode, s.index, s.pos, view, mtime_ns=s.mtime_ns)
         )
-        if self.on_commit is not None:
-            await _maybe_await(self.on_commit(inode, s.index, attr))
+
+    async def _committed(self, inode: int, index: int, attr: Any) -> None:
+        if self.on_commit is None:
+            return
+        try:
+            await _maybe_await(self.on_commit(inode, index, attr))
+        except Exception:  # a hook (compaction scheduling) must not fail a flush
+            log.exception("on_commit hook failed for inode %d chunk %d", inode, index)
 
     async def _discard(self, slices: list[SliceWriter]) -> None:
         """Best effort: delete the stored blocks of slices that will never be committed."""

@@ -93,7 +93,8 @@ class Delivery(Protocol):
 
 class PullConsumer(Protocol):
     async def fetch(self, batch: int, wait: float) -> list[Delivery]:
-        """Up to `batch` deliveries; an empty list when none came within `wait` seconds."""
+        """Up to `batch` deliveries available now; if there are none, the first to come
+        within `wait` seconds; an empty list if none came."""
         ...
 
     async def close(self) -> None: ...
@@ -115,7 +116,10 @@ class EventBus(Protocol):
     async def ensure_stream(self, spec: StreamSpec) -> None: ...
 
     async def publish(
-        self, subject: str, data: bytes, headers: Mapping[str, str],
+        self,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str],
         publish_timeout: float | None = None,
     ) -> PublishAck: ...
 
@@ -139,6 +143,7 @@ class EventBus(Protocol):
         *,
         batch: int = 256,
         follow: bool = False,
+        until: int | None = None,
     ) -> AsyncIterator[list[RawMessage]]: ...
 
     async def pull_consumer(self, stream: str, spec: ConsumerSpec) -> PullConsumer: ...

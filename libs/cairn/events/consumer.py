@@ -52,24 +52,38 @@ class ConsumerStats:
 class Consumer:
     """Runs `handler` for every event on `filter_subject` through the durable `durable`."""
 
-    def __init__(self, store: EventStore, durable: str, handler: Handler, *,
-                 filter_subject: str | None = None, ack_wait: float = 30.0,
-                 max_deliver: int = 5, retry_delays: Sequence[float] = (1.0, 5.0, 30.0),
-                 ack_backoff: Sequence[float] = (), batch: int = 64,
-                 max_ack_pending: int = 1000, start_sequence: int = 1) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        durable: str,
+        handler: Handler,
+        *,
+        filter_subject: str | None = None,
+        ack_wait: float = 30.0,
+        max_deliver: int = 5,
+        retry_delays: Sequence[float] = (1.0, 5.0, 30.0),
+        ack_backoff: Sequence[float] = (),
+        batch: int = 64,
+        max_ack_pending: int = 1000,
+        start_sequence: int = 1,
+    ) -> None:
         if max_deliver < 1:
             raise ValueError("max_deliver must be at least 1")
         self.store = store
         self.handler = handler
         self.spec = ConsumerSpec(
-            durable=durable, filter_subject=filter_subject or store.all_subjects,
-            ack_wait=ack_wait, max_deliver=max_deliver, backoff=tuple(ack_backoff),
-            max_ack_pending=max_ack_pending, start_sequence=start_sequence)
+            durable=durable,
+            filter_subject=filter_subject or store.all_subjects,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            backoff=tuple(ack_backoff),
+            max_ack_pending=max_ack_pending,
+            start_sequence=start_sequence,
+        )
         self.retry_delays = tuple(retry_delays) or (0.0,)
         self.batch = batch
         self.stats = ConsumerStats()
         self._pull: PullConsumer | None = None
-        self._next_batch = 1
 
     async def start(self) -> None:
         """Creates the durable consumer (or binds to the existing one)."""
@@ -99,12 +113,9 @@ class Consumer:
         """Fetches and handles one batch; the number of deliveries handled (0 if idle)."""
         await self.start()
         assert self._pull is not None
-        # Ask for one message while idle so a trickle of events is handled as it comes
-        # (a big fetch would wait for the whole batch); ask for a full batch in a backlog.
-        deliveries = await self._pull.fetch(self._next_batch, wait)
+        deliveries = await self._pull.fetch(self.batch, wait)
         for delivery in deliveries:
             await self.handle(delivery)
-        self._next_batch = self.batch if deliveries and deliveries[-1].num_pending else 1
         return len(deliveries)
 
     async def handle(self, delivery: Delivery) -> None:
@@ -113,54 +124,85 @@ class Consumer:
             envelope = codec.decode(raw.data)
             event = envelope.event()
         except codec.CodecError as error:
-            log.error("consumer %s: terminating poison message #%d on %s: %s",
-                      self.spec.durable, raw.sequence, raw.subject, error)
+            log.error(
+                "consumer %s: terminating poison message #%d on %s: %s",
+                self.spec.durable,
+                raw.sequence,
+                raw.subject,
+                error,
+            )
             await self._term(delivery)
             return
         try:
             with tracer.start_as_current_span(
-                f"{envelope.type} process", context=envelope.trace_context(),
+                f"{envelope.type} process",
+                context=envelope.trace_context(),
                 kind=trace.SpanKind.CONSUMER,
-                attributes={"messaging.system": "nats", "cairn.event.type": envelope.type,
-                            "cairn.aggregate": envelope.aggregate,
-                            "cairn.aggregate_id": envelope.aggregate_id,
-                            "messaging.message.id": envelope.event_id},
+                attributes={
+                    "messaging.system": "nats",
+                    "cairn.event.type": envelope.type,
+                    "cairn.aggregate": envelope.aggregate,
+                    "cairn.aggregate_id": envelope.aggregate_id,
+                    "messaging.message.id": envelope.event_id,
+                },
             ):
                 await self._call(event, envelope, delivery)
         except PermanentError as error:
-            log.error("consumer %s: %s #%d failed for good, terminated: %s",
-                      self.spec.durable, envelope.type, raw.sequence, error)
+            log.error(
+                "consumer %s: %s #%d failed for good, terminated: %s",
+                self.spec.durable,
+                envelope.type,
+                raw.sequence,
+                error,
+            )
             await self._term(delivery)
         except Exception as error:  # temporary, or a bug that a later delivery may not hit
             if not isinstance(error, TemporaryError):
-                log.exception("consumer %s: %s #%d raised", self.spec.durable, envelope.type,
-                              raw.sequence)
+                log.exception(
+                    "consumer %s: %s #%d raised", self.spec.durable, envelope.type, raw.sequence
+                )
             await self._retry_later(delivery, envelope, error)
         else:
             await delivery.ack()
             self.stats.acked += 1
 
-    async def _call(self, event: Event | UnknownEvent, envelope: Envelope,
-                    delivery: Delivery) -> None:
+    async def _call(
+        self, event: Event | UnknownEvent, envelope: Envelope, delivery: Delivery
+    ) -> None:
         keepalive = _KeepAlive(delivery, self.spec.ack_wait / 2)
         try:
             await self.handler(event, envelope)
         finally:
             keepalive.stop()
 
-    async def _retry_later(self, delivery: Delivery, envelope: Envelope,
-                           error: BaseException) -> None:
+    async def _retry_later(
+        self, delivery: Delivery, envelope: Envelope, error: BaseException
+    ) -> None:
         attempt = delivery.num_delivered
         if attempt >= self.spec.max_deliver:
-            log.error("consumer %s: giving up on %s #%d (%s %s) after %d deliveries: %s",
-                      self.spec.durable, envelope.type, delivery.message.sequence,
-                      envelope.aggregate, envelope.aggregate_id, attempt, error)
+            log.error(
+                "consumer %s: giving up on %s #%d (%s %s) after %d deliveries: %s",
+                self.spec.durable,
+                envelope.type,
+                delivery.message.sequence,
+                envelope.aggregate,
+                envelope.aggregate_id,
+                attempt,
+                error,
+            )
             await self._term(delivery)
             return
         delay = self.retry_delays[min(attempt - 1, len(self.retry_delays) - 1)]
-        log.warning("consumer %s: %s #%d failed (delivery %d of %d), retrying in %gs: %s",
-                    self.spec.durable, envelope.type, delivery.message.sequence, attempt,
-                    self.spec.max_deliver, delay, error)
+        log.warning(
+            "consumer %s: %s #%d failed (delivery %d of %d), retrying in %gs: %s",
+            self.spec.durable,
+            envelope.type,
+            delivery.message.sequence,
+            attempt,
+            self.spec.max_deliver,
+            delay,
+            error,
+        )
         await delivery.nak(delay=delay or None)
         self.stats.naked += 1
 

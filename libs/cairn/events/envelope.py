@@ -8,6 +8,7 @@ event's own fields (payload).
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import uuid
@@ -27,10 +28,16 @@ _AGGREGATE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # Characters kept as they are in a subject token; anything else is %XX-escaped (and so is
 # '%' itself), which keeps the mapping one-to-one: two ids never share a subject.
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_ALL_SAFE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_aggregate(aggregate: str) -> bool:
+    return bool(_AGGREGATE.fullmatch(aggregate))
 
 
 def check_aggregate(aggregate: str) -> str:
-    if not isinstance(aggregate, str) or not _AGGREGATE.fullmatch(aggregate):
+    if not isinstance(aggregate, str) or not _valid_aggregate(aggregate):
         raise InvalidArgument(
             f"aggregate name {aggregate!r} must be lowercase letters, digits or '_'"
         )
@@ -41,7 +48,7 @@ def subject_token(aggregate_id: str) -> str:
     """The aggregate id as one NATS subject token (no '.', '*', '>' or spaces)."""
     if not isinstance(aggregate_id, str) or not aggregate_id:
         raise InvalidArgument("an aggregate id must be a non-empty string")
-    if all(c in _SAFE for c in aggregate_id):
+    if _ALL_SAFE.fullmatch(aggregate_id):
         return aggregate_id
     out = []
     for c in aggregate_id:

@@ -12,6 +12,7 @@ client's reconnect buffer, so callers (the outbox) know at once where their even
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -42,8 +43,15 @@ STREAM_NAME_IN_USE = 10058
 class JetStreamBus:
     """An EventBus over one NATS connection with JetStream."""
 
-    def __init__(self, url: str, *, name: str = "cairn", timeout: float = 5.0,
-                 reconnect_wait: float = 0.5, max_pending_acks: int = 4000) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "cairn",
+        timeout: float = 5.0,
+        reconnect_wait: float = 0.5,
+        max_pending_acks: int = 4000,
+    ) -> None:
         self.url = url
         self.name = name
         self.timeout = timeout
@@ -65,11 +73,16 @@ class JetStreamBus:
 
     async def start(self, *, wait: bool = True) -> None:
         options = dict(
-            servers=[self.url], name=self.name, allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=self._reconnect_wait,
+            servers=[self.url],
+            name=self.name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=self._reconnect_wait,
             connect_timeout=max(1, int(min(self.timeout, 2))),
-            error_cb=self._on_error, disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_connected, closed_cb=self._on_closed,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_connected,
+            closed_cb=self._on_closed,
         )
         try:
             self._connect_task = asyncio.create_task(self._nc.connect(**options))
@@ -83,7 +96,8 @@ class JetStreamBus:
             await self.close()
             raise UnavailableError(
                 f"cannot reach NATS at {redact(self.url)} within {self.timeout:g}s: "
-                "is nats-server running (with -js)?")
+                "is nats-server running (with -js)?"
+            )
         try:
             self._connect_task.result()
         except Exception as error:
@@ -194,8 +208,13 @@ class JetStreamBus:
 
     # -- publishing ------------------------------------------------------------------------
 
-    async def publish(self, subject: str, data: bytes, headers: Mapping[str, str],
-                      publish_timeout: float | None = None) -> PublishAck:
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        headers: Mapping[str, str],
+        publish_timeout: float | None = None,
+    ) -> PublishAck:
         self._require(f"publish to {subject}")
         limit = publish_timeout or self.timeout
         try:
@@ -204,22 +223,36 @@ class JetStreamBus:
             raise _translate(error, f"publish to {subject}", limit) from error
         return PublishAck(ack.seq, bool(ack.duplicate))
 
-    async def publish_many(self, messages: Sequence[Outgoing],
-                           publish_timeout: float | None = None,
-                           ) -> list[PublishAck | CairnError]:
+    async def publish_many(
+        self,
+        messages: Sequence[Outgoing],
+        publish_timeout: float | None = None,
+    ) -> list[PublishAck | CairnError]:
         """Publishes all messages without waiting between them, then collects the acks."""
         timeout = publish_timeout or self.timeout
         self._require("publish")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
         futures: list[asyncio.Future | CairnError] = []
-        for m in messages:
-            try:
-                futures.append(await self._js.publish_async(
-                    m.subject, m.data, wait_stall=timeout, headers=dict(m.headers)))
-            except Exception as error:
-                futures.append(_translate(error, f"publish to {m.subject}", timeout))
+        try:
+            # One deadline for the whole loop: a per-publish timeout (wait_stall) would cost a
+            # task per message, and the loop would yield, flushing one message per write.
+            async with asyncio.timeout_at(end):
+                for m in messages:
+                    try:
+                        futures.append(
+                            await self._js.publish_async(m.subject, m.data, headers=dict(m.headers))
+                        )
+                    except Exception as error:
+                        futures.append(_translate(error, f"publish to {m.subject}", timeout))
+        except TimeoutError:
+            stalled = UnavailableError(
+                f"NATS stalled: too many publishes unacknowledged for {timeout:g}s"
+            )
+            futures.extend([stalled] * (len(messages) - len(futures)))
         waiting = [f for f in futures if isinstance(f, asyncio.Future)]
         if waiting:
-            _, late = await asyncio.wait(waiting, timeout=timeout)
+            _, late = await asyncio.wait(waiting, timeout=max(0.0, end - loop.time()))
             for f in late:
                 f.cancel()
         results: list[PublishAck | CairnError] = []
@@ -227,8 +260,11 @@ class JetStreamBus:
             if isinstance(f, CairnError):
                 results.append(f)
             elif f.cancelled():
-                results.append(UnavailableError(
-                    f"NATS did not acknowledge a publish to {m.subject} within {timeout:g}s"))
+                results.append(
+                    UnavailableError(
+                        f"NATS did not acknowledge a publish to {m.subject} within {timeout:g}s"
+                    )
+                )
             elif f.exception() is not None:
                 results.append(_translate(f.exception(), f"publish to {m.subject}", timeout))
             else:
@@ -255,8 +291,9 @@ class JetStreamBus:
         self._require(f"read {stream} #{sequence}")
         return await self._get(stream, seq=sequence)
 
-    async def _get(self, stream: str, *, seq: int | None = None,
-                   subject: str | None = None) -> RawMessage | None:
+    async def _get(
+        self, stream: str, *, seq: int | None = None, subject: str | None = None
+    ) -> RawMessage | None:
         direct = await self._allows_direct(stream)
         try:
             raw = await self._js._jsm.get_msg(stream, seq=seq, subject=subject, direct=direct)
@@ -264,67 +301,96 @@ class JetStreamBus:
             return None
         except Exception as error:
             raise _translate(error, f"reading {subject or seq} from {stream}") from error
-        headers = {k: v for k, v in (raw.headers or {}).items() if not k.startswith("Nats-")
-                   or k == "Nats-Msg-Id"}
+        headers = {
+            k: v
+            for k, v in (raw.headers or {}).items()
+            if not k.startswith("Nats-") or k == "Nats-Msg-Id"
+        }
         return RawMessage(raw.seq or 0, raw.subject or "", raw.data or b"", headers)
 
-    async def replay(self, stream: str, filter_subject: str, start_sequence: int = 1, *,
-                     batch: int = 256, follow: bool = False,
-                     idle: float = 1.0) -> AsyncIterator[list[RawMessage]]:
+    async def replay(
+        self,
+        stream: str,
+        filter_subject: str,
+        start_sequence: int = 1,
+        *,
+        batch: int = 256,
+        follow: bool = False,
+        idle: float = 1.0,
+        until: int | None = None,
+    ) -> AsyncIterator[list[RawMessage]]:
         """Batches of stored messages from `start_sequence` on, in stream order.
 
-        An ephemeral, unacknowledged pull consumer reads them; without `follow` the
-        iteration ends once the consumer has nothing pending, with it it waits for more.
+        An ephemeral, unacknowledged pull consumer reads them. Without `follow` the
+        iteration ends at the last message on `filter_subject` when it starts (or at
+        sequence `until`); with it, it waits for more.
+
+        The end is a sequence looked up first, not the consumer's pending count: nats-server
+        2.9 miscounts that for filtered consumers, and then answers a no-wait pull with
+        "no messages" while some are left. So a short no-wait pull before the end is
+        followed by a waiting pull, which does find them.
         """
         self._require(f"replay {filter_subject}")
+        if not follow and until is None:
+            last = await self._get(stream, subject=filter_subject)
+            until = last.sequence if last else 0
+        if not follow and until < start_sequence:
+            return
         name = "replay_" + self._nc._nuid.next().decode()
         config = api.ConsumerConfig(
-            name=name, ack_policy=api.AckPolicy.NONE, filter_subject=filter_subject,
+            name=name,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=filter_subject,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(1, start_sequence), mem_storage=True, num_replicas=1,
-            inactive_threshold=max(30.0, 4 * idle), max_waiting=16,
+            opt_start_seq=max(1, start_sequence),
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=max(30.0, 4 * idle),
+            max_waiting=16,
         )
         try:
-            info = await self._js._jsm.add_consumer(stream, config)
-            sub = await self._js.pull_subscribe_bind(consumer=name, stream=stream)
+            await self._js._jsm.add_consumer(stream, config)
         except Exception as error:
             raise _translate(error, f"replaying {filter_subject}") from error
-        pending = info.num_pending
+        puller = await _Puller.open(self, stream, name)
         try:
-            while pending or follow:
-                try:
-                    msgs = await sub.fetch(max(1, min(batch, pending)),
-                                           timeout=self.timeout if pending else idle)
-                except nats.errors.TimeoutError:
+            seen = start_sequence - 1
+            while follow or seen < until:
+                msgs = await puller.pull(batch)
+                if not msgs:  # the end, or the server's miscount: a waiting pull tells
+                    msgs = await puller.pull(1, wait=idle if follow else self.timeout)
+                if not msgs:
                     if follow:
-                        self._require(f"replay {filter_subject}")
                         continue
-                    # Pending messages vanished (a purge or max_age): ask what is left.
-                    pending = (await sub.consumer_info()).num_pending
-                    continue
-                except Exception as error:
-                    raise _translate(error, f"replaying {filter_subject}") from error
-                pending = msgs[-1].metadata.num_pending
+                    log.debug(
+                        "replay of %s ended at #%d before #%d (messages removed?)",
+                        filter_subject,
+                        seen,
+                        until,
+                    )
+                    return
+                seen = msgs[-1].metadata.sequence.stream
                 yield [_raw(m) for m in msgs]
         finally:
-            await self._forget_consumer(stream, name, sub)
-
-    async def _forget_consumer(self, stream: str, name: str, sub: Any) -> None:
-        try:
-            await sub.unsubscribe()
+            await puller.close()
             if self._nc.is_connected:  # fire and forget; inactive_threshold covers a miss
-                await self._nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}")
-        except Exception as error:
-            log.debug("removing consumer %s: %s", name, error)
+                try:
+                    await self._nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{name}")
+                except Exception as error:
+                    log.debug("removing consumer %s: %s", name, error)
 
     # -- durable consumers -------------------------------------------------------------
 
     async def pull_consumer(self, stream: str, spec: ConsumerSpec) -> _PullConsumer:
         self._require(f"consumer {spec.durable}")
         config = api.ConsumerConfig(
-            name=spec.durable, durable_name=spec.durable, ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=spec.ack_wait, max_deliver=spec.max_deliver,
-            backoff=list(spec.backoff) or None, filter_subject=spec.filter_subject,
+            name=spec.durable,
+            durable_name=spec.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=spec.ack_wait,
+            max_deliver=spec.max_deliver,
+            backoff=list(spec.backoff) or None,
+            filter_subject=spec.filter_subject,
             max_ack_pending=spec.max_ack_pending,
         )
         if spec.start_sequence > 1:
@@ -335,16 +401,18 @@ class JetStreamBus:
             await jsm.add_consumer(stream, config)
         except nats.js.errors.BadRequestError as error:
             # An existing durable with another configuration keeps it (and its position).
-            log.warning("consumer %s exists with another configuration (%s); using it as it is",
-                        spec.durable, error.description)
+            log.warning(
+                "consumer %s exists with another configuration (%s); using it as it is",
+                spec.durable,
+                error.description,
+            )
             try:
                 await jsm.consumer_info(stream, spec.durable)
             except Exception as inner:
                 raise _translate(inner, f"consumer {spec.durable}") from inner
         except Exception as error:
             raise _translate(error, f"creating consumer {spec.durable}") from error
-        sub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=stream)
-        return _PullConsumer(self, sub, spec.durable)
+        return _PullConsumer(await _Puller.open(self, stream, spec.durable))
 
     async def delete_consumer(self, stream: str, durable: str) -> None:
         self._require(f"consumer {durable}")
@@ -356,27 +424,91 @@ class JetStreamBus:
             raise _translate(error, f"deleting consumer {durable}") from error
 
 
-class _PullConsumer:
-    def __init__(self, bus: JetStreamBus, sub: Any, durable: str) -> None:
+class _Puller:
+    """Pull requests to one consumer, read from an inbox of our own.
+
+    JetStream answers a pull with up to `batch` messages, then (if it had fewer) a
+    status: 404 no messages, 408 request expired. A no-wait pull therefore never waits
+    for messages that are not there, which nats-py's fetch() may do.
+    """
+
+    def __init__(self, bus: JetStreamBus, stream: str, consumer: str) -> None:
         self._bus = bus
-        self._sub = sub
-        self.durable = durable
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = bus._nc.new_inbox()
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._sub: Any = None
+        self.consumer = consumer
+
+    @classmethod
+    async def open(cls, bus: JetStreamBus, stream: str, consumer: str) -> _Puller:
+        puller = cls(bus, stream, consumer)
+        try:
+            puller._sub = await bus._nc.subscribe(puller._inbox, cb=puller._received)
+        except Exception as error:
+            raise _translate(error, f"consumer {consumer}") from error
+        return puller
+
+    async def _received(self, msg: Msg) -> None:
+        self._queue.put_nowait(msg)
+
+    async def pull(self, batch: int, wait: float = 0.0) -> list[Msg]:
+        """Up to `batch` messages: those there now, or (wait > 0) the first to come."""
+        self._bus._require(f"consumer {self.consumer}")
+        request: dict[str, Any] = {"batch": batch}
+        if wait > 0:
+            request["expires"] = int(wait * 1e9)
+        else:
+            request["no_wait"] = True
+        msgs: list[Msg] = []
+        limit = wait + self._bus.timeout
+        try:
+            await self._bus._nc.publish(
+                self._subject, json.dumps(request).encode(), reply=self._inbox
+            )
+            async with asyncio.timeout(limit):
+                while len(msgs) < batch:
+                    msg = await self._queue.get()
+                    status = msg.headers.get("Status") if msg.headers else None
+                    if status is None:
+                        msgs.append(msg)
+                    elif status in ("404", "408"):  # nothing (more) for this request
+                        break
+                    elif status != "100":  # 100 is a heartbeat
+                        desc = msg.headers.get("Description", "")
+                        raise UnavailableError(f"consumer {self.consumer}: {status} {desc}")
+        except TimeoutError:
+            raise UnavailableError(
+                f"consumer {self.consumer}: NATS did not answer a pull within {limit:g}s"
+            ) from None
+        except CairnError:
+            raise
+        except Exception as error:
+            raise _translate(error, f"pulling from {self.consumer}") from error
+        return msgs
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as error:
+                log.debug("closing consumer %s: %s", self.consumer, error)
+
+
+class _PullConsumer:
+    def __init__(self, puller: _Puller) -> None:
+        self._puller = puller
+        self.durable = puller.consumer
 
     async def fetch(self, batch: int, wait: float) -> list[Delivery]:
-        self._bus._require(f"consumer {self.durable}")
-        try:
-            msgs = await self._sub.fetch(batch, timeout=wait)
-        except nats.errors.TimeoutError:
-            return []
-        except Exception as error:
-            raise _translate(error, f"fetching for consumer {self.durable}", wait) from error
+        msgs = await self._puller.pull(batch)
+        if not msgs and wait > 0:
+            msgs = await self._puller.pull(1, wait=wait)
         return [_Delivery(m) for m in msgs]
 
     async def close(self) -> None:
-        try:
-            await self._sub.unsubscribe()
-        except Exception as error:
-            log.debug("closing consumer %s: %s", self.durable, error)
+        await self._puller.close()
 
 
 class _Delivery:
@@ -417,11 +549,15 @@ def _stream_config(spec: StreamSpec) -> api.StreamConfig:
     if spec.max_age:
         window = min(window, spec.max_age)  # JetStream refuses a window longer than max_age
     return api.StreamConfig(
-        name=spec.name, subjects=list(spec.subjects),
+        name=spec.name,
+        subjects=list(spec.subjects),
         storage=api.StorageType.MEMORY if spec.memory else api.StorageType.FILE,
-        retention=api.RetentionPolicy.LIMITS, discard=api.DiscardPolicy.OLD,
-        max_age=spec.max_age or None, num_replicas=spec.num_replicas,
-        duplicate_window=window, allow_direct=True,
+        retention=api.RetentionPolicy.LIMITS,
+        discard=api.DiscardPolicy.OLD,
+        max_age=spec.max_age or None,
+        num_replicas=spec.num_replicas,
+        duplicate_window=window,
+        allow_direct=True,
     )
 
 

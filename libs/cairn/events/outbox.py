@@ -98,7 +98,7 @@ class OutboxFile:
         offset = 0
         while offset + _FRAME.size <= len(data):
             length, crc = _FRAME.unpack_from(data, offset)
-            body = data[offset + _FRAME.size: offset + _FRAME.size + length]
+            body = data[offset + _FRAME.size : offset + _FRAME.size + length]
             if len(body) < length or zlib.crc32(body) != crc:
                 break
             try:
@@ -145,8 +145,14 @@ def _apply(entries: OrderedDict[int, Entry], record: dict[str, Any]) -> None:
 class OutboxedStore:
     """An EventStore whose appends fall back to a local outbox while the bus is away."""
 
-    def __init__(self, store: EventStore, data_dir: Path | str, *,
-                 publish_timeout: float = 2.0, name: str = "events") -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        data_dir: Path | str,
+        *,
+        publish_timeout: float = 2.0,
+        name: str = "events",
+    ) -> None:
         self.store = store
         self.publish_timeout = publish_timeout
         self.file = OutboxFile(Path(data_dir) / f"{name}.outbox")
@@ -166,8 +172,11 @@ class OutboxedStore:
         self._entries = OrderedDict((e.no, e) for e in entries)
         self._next_no = max(self._entries, default=0) + 1
         if self._entries:
-            log.info("outbox %s: %d events from an earlier run to publish",
-                     self.file.path, len(self._entries))
+            log.info(
+                "outbox %s: %d events from an earlier run to publish",
+                self.file.path,
+                len(self._entries),
+            )
             self._empty.clear()
             self._wakeup.set()
         self._drainer = asyncio.create_task(self._drain_forever(), name="cairn-outbox-drainer")
@@ -202,9 +211,16 @@ class OutboxedStore:
 
     # -- the store's interface ---------------------------------------------------------
 
-    async def append(self, aggregate: str, aggregate_id: str,
-                     events: Event | Sequence[Event], expected_version: int | None = None, *,
-                     trace: dict[str, str] | None = None) -> Appended:
+    async def append(
+        self,
+        aggregate: str,
+        aggregate_id: str,
+        events: Event | Sequence[Event],
+        expected_version: int | None = None,
+        *,
+        expected_sequence: int | None = None,
+        trace: dict[str, str] | None = None,
+    ) -> Appended:
         """Appends like EventStore.append while the bus is up and the outbox is empty;
         otherwise outboxes the events (Appended.outboxed) and never raises for the bus.
         ConflictError still comes through while the bus is up."""
@@ -213,18 +229,37 @@ class OutboxedStore:
             return Appended(aggregate, aggregate_id, [], expected_version or 0, 0)
         if not self._entries and self.store.bus.connected:
             try:
-                return await self.store.append(aggregate, aggregate_id, batch, expected_version,
-                                               trace=trace, publish_timeout=self.publish_timeout)
+                return await self.store.append(
+                    aggregate,
+                    aggregate_id,
+                    batch,
+                    expected_version,
+                    expected_sequence=expected_sequence,
+                    trace=trace,
+                    publish_timeout=self.publish_timeout,
+                )
             except AppendInterrupted as error:
-                log.warning("outboxing %d events of %s %s: %s", len(error.unpublished),
-                            aggregate, aggregate_id, error)
+                log.warning(
+                    "outboxing %d events of %s %s: %s",
+                    len(error.unpublished),
+                    aggregate,
+                    aggregate_id,
+                    error,
+                )
                 first, *rest = error.unpublished
                 await self._put([(first, error.after_sequence)] + [(e, None) for e in rest])
-                return Appended(aggregate, aggregate_id, error.published + error.unpublished,
-                                0, 0, outboxed=True)
+                return Appended(
+                    aggregate,
+                    aggregate_id,
+                    error.published + error.unpublished,
+                    0,
+                    0,
+                    outboxed=True,
+                )
             except UnavailableError as error:
-                log.warning("outboxing %d events of %s %s: %s", len(batch), aggregate,
-                            aggregate_id, error)
+                log.warning(
+                    "outboxing %d events of %s %s: %s", len(batch), aggregate, aggregate_id, error
+                )
         envelopes = [Envelope.wrap(e, aggregate_id, 0, trace=trace) for e in batch]
         await self._put([(e, None) for e in envelopes])
         return Appended(aggregate, aggregate_id, envelopes, 0, 0, outboxed=True)
@@ -249,8 +284,10 @@ class OutboxedStore:
             for envelope, after in items:
                 entries.append(Entry(self._next_no, envelope, after))
                 self._next_no += 1
-            records = [{"op": "put", "no": e.no, "env": codec.encode(e.envelope),
-                        "after": e.after} for e in entries]
+            records = [
+                {"op": "put", "no": e.no, "env": codec.encode(e.envelope), "after": e.after}
+                for e in entries
+            ]
             await asyncio.to_thread(self.file.write, records)
             for e in entries:
                 self._entries[e.no] = e
@@ -270,16 +307,22 @@ class OutboxedStore:
                     failures = 0
                 except UnavailableError as error:
                     if failures == 0:
-                        log.info("outbox: %d events waiting for the bus: %s",
-                                 len(self._entries), error)
-                    await self.store.bus.wait_connected(deadline=backoff.delay(failures))
-                    await asyncio.sleep(backoff.delay(failures))
+                        log.info(
+                            "outbox: %d events waiting for the bus: %s", len(self._entries), error
+                        )
+                    if self.store.bus.connected:  # up but not answering: back off
+                        await asyncio.sleep(backoff.delay(failures))
+                    else:  # down: go as soon as it is back
+                        await self.store.bus.wait_connected(deadline=5.0)
                     failures += 1
                 except PermanentError as error:
                     await self._reject(entry, error)
                 except Exception:
-                    log.exception("outbox: publishing %s %s failed", entry.envelope.type,
-                                  entry.envelope.aggregate_id)
+                    log.exception(
+                        "outbox: publishing %s %s failed",
+                        entry.envelope.type,
+                        entry.envelope.aggregate_id,
+                    )
                     await asyncio.sleep(backoff.delay(failures))
                     failures += 1
             async with self._io:
@@ -295,52 +338,77 @@ class OutboxedStore:
         while True:
             assert entry.after is not None
             try:
-                await self.store.publish_envelope(entry.envelope, entry.after,
-                                                  publish_timeout=self.publish_timeout)
+                await self.store.publish_envelope(
+                    entry.envelope, entry.after, publish_timeout=self.publish_timeout
+                )
                 break
             except ConflictError:
                 # Already stored by an earlier attempt whose ack never came back?
-                if await self.store.contains(entry.envelope, entry.after):
+                found = await self.store.contains(entry.envelope, entry.after)
+                if found:
+                    log.info(
+                        "outbox: %s %s %s was already in the stream (#%d)",
+                        entry.envelope.type,
+                        entry.envelope.aggregate,
+                        entry.envelope.aggregate_id,
+                        found,
+                    )
                     break
                 await self._assign(entry)  # someone else appended: go after them
         await self._done(entry)
 
     async def _assign(self, entry: Entry) -> None:
         """Gives the entry the aggregate's next version, durably, before any publish."""
-        last = await self.store.last_envelope(entry.envelope.aggregate,
-                                              entry.envelope.aggregate_id)
+        last = await self.store.last_envelope(entry.envelope.aggregate, entry.envelope.aggregate_id)
         if last is not None and last.envelope is None:
-            raise FailedPrecondition(f"the last event of {entry.envelope.aggregate} "
-                                     f"{entry.envelope.aggregate_id} is unreadable: {last.error}")
+            raise FailedPrecondition(
+                f"the last event of {entry.envelope.aggregate} "
+                f"{entry.envelope.aggregate_id} is unreadable: {last.error}"
+            )
         version = last.envelope.version + 1 if last else 1
         after = last.sequence if last else 0
         async with self._io:
-            await asyncio.to_thread(self.file.write, [
-                {"op": "assign", "no": entry.no, "version": version, "after": after}])
+            await asyncio.to_thread(
+                self.file.write,
+                [{"op": "assign", "no": entry.no, "version": version, "after": after}],
+            )
         entry.envelope = entry.envelope.with_version(version)
         entry.after = after
 
     async def _done(self, entry: Entry) -> None:
         async with self._io:
             # No fsync: losing a `done` only means a harmless, deduplicated re-publish.
-            await asyncio.to_thread(self.file.write, [{"op": "done", "no": entry.no}],
-                                    sync=False)
+            await asyncio.to_thread(self.file.write, [{"op": "done", "no": entry.no}], sync=False)
             self._entries.pop(entry.no, None)
         self.published += 1
 
     async def _reject(self, entry: Entry, error: Exception) -> None:
         """Moves an event the stream refuses for good to the rejected file, loudly."""
-        log.error("outbox: the stream refuses %s %s %s (%s); kept in %s",
-                  entry.envelope.type, entry.envelope.aggregate, entry.envelope.aggregate_id,
-                  error, self.rejected_path)
+        log.error(
+            "outbox: the stream refuses %s %s %s (%s); kept in %s",
+            entry.envelope.type,
+            entry.envelope.aggregate,
+            entry.envelope.aggregate_id,
+            error,
+            self.rejected_path,
+        )
         rejected = OutboxFile(self.rejected_path)
         async with self._io:
+
             def keep() -> None:
                 rejected.open()
                 try:
-                    rejected.write([{"op": "put", "no": entry.no,
-                                     "env": codec.encode(entry.envelope), "after": None,
-                                     "error": str(error)}])
+                    rejected.write(
+                        [
+                            {
+                                "op": "put",
+                                "no": entry.no,
+                                "env": codec.encode(entry.envelope),
+                                "after": None,
+                                "error": str(error),
+                            }
+                        ]
+                    )
                 finally:
                     rejected.close()
 

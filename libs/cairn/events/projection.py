@@ -60,8 +60,15 @@ class Projection:
     # Only events of these types reach `apply` (None: all of them).
     types: ClassVar[frozenset[str] | None] = None
 
-    def __init__(self, redis: Redis, store: EventStore, *, batch: int = 256,
-                 namespace: str = NAMESPACE, filter_subject: str | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        store: EventStore,
+        *,
+        batch: int = 256,
+        namespace: str = NAMESPACE,
+        filter_subject: str | None = None,
+    ) -> None:
         self.redis = redis
         self.store = store
         self.batch = batch
@@ -131,8 +138,9 @@ class Projection:
 
     async def _consume(self, *, follow: bool) -> int:
         generation, position = await self.state()
-        batches = self.store.read_batches(position + 1, follow=follow, batch=self.batch,
-                                          filter_subject=self.filter_subject)
+        batches = self.store.read_batches(
+            position + 1, follow=follow, batch=self.batch, filter_subject=self.filter_subject
+        )
         async with aclosing(batches) as it:
             async for records in it:
                 position = await self._commit(generation, position, records)
@@ -148,15 +156,18 @@ class Projection:
                 await pipe.watch(self.meta_key)
                 stored = await pipe.hmget(self.meta_key, ["generation", "position"])
                 if (int(stored[0] or 0), int(stored[1] or 0)) != (generation, position):
-                    raise ConflictError(f"projection {self.name} moved to {stored[1]} "
-                                        f"(generation {stored[0]}) under us")
+                    raise ConflictError(
+                        f"projection {self.name} moved to {stored[1]} "
+                        f"(generation {stored[0]}) under us"
+                    )
                 pipe.multi()
                 tx = Tx(pipe, tx_prefix)
                 for envelope, event in decoded:
                     if event is not None:
                         self.apply(tx, event, envelope)
-                pipe.hset(self.meta_key, mapping={"generation": generation,
-                                                  "position": new_position})
+                pipe.hset(
+                    self.meta_key, mapping={"generation": generation, "position": new_position}
+                )
                 await pipe.execute()
         except WatchError:
             raise ConflictError(f"projection {self.name} was changed by someone else") from None
@@ -166,8 +177,12 @@ class Projection:
 
     def _event(self, rec: Recorded) -> Event | UnknownEvent | None:
         if rec.envelope is None:
-            log.error("projection %s: skipping undecodable event #%d: %s", self.name,
-                      rec.sequence, rec.error)
+            log.error(
+                "projection %s: skipping undecodable event #%d: %s",
+                self.name,
+                rec.sequence,
+                rec.error,
+            )
             return None
         if self.types is not None and rec.envelope.type not in self.types:
             return None
@@ -181,12 +196,17 @@ class Projection:
 
     async def rebuild(self) -> int:
         """Starts a new generation at position 0, replays everything, drops the old keys."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(self.meta_key)
-            generation = int(await pipe.hget(self.meta_key, "generation") or 0) + 1
-            pipe.multi()
-            pipe.hset(self.meta_key, mapping={"generation": generation, "position": 0})
-            await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.meta_key)
+                generation = int(await pipe.hget(self.meta_key, "generation") or 0) + 1
+                pipe.multi()
+                pipe.hset(self.meta_key, mapping={"generation": generation, "position": 0})
+                await pipe.execute()
+        except WatchError:
+            raise ConflictError(f"projection {self.name} moved while starting a rebuild") from None
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            raise UnavailableError(f"projection {self.name}: Redis: {error}") from error
         position = await self.catch_up()
         await self.drop_old_generations()
         return position
@@ -227,8 +247,11 @@ class VolumeStatusProjection(Projection):
     def apply(self, tx: Tx, event: Event | UnknownEvent, envelope: Envelope) -> None:
         volume = envelope.aggregate_id
         key = tx.key("volume", volume)
-        fields: dict[str, Any] = {"status": self.STATUS[envelope.type],
-                                  "version": envelope.version, "last_event": envelope.type}
+        fields: dict[str, Any] = {
+            "status": self.STATUS[envelope.type],
+            "version": envelope.version,
+            "last_event": envelope.type,
+        }
         node = getattr(event, "node", None)
         if node:
             fields["node"] = node
@@ -251,8 +274,10 @@ class VolumeStatusProjection(Projection):
                 pipe.hgetall(f"{prefix}:volume:{v}")
             pipe.hgetall(f"{prefix}:by_type")
             rows = await pipe.execute()
-        return {"volumes": {v: _text(r) for v, r in zip(volumes, rows, strict=False)},
-                "by_type": _text(rows[-1])}
+        return {
+            "volumes": {v: _text(r) for v, r in zip(volumes, rows, strict=False)},
+            "by_type": _text(rows[-1]),
+        }
 
 
 def _str(value: bytes | str) -> str:
@@ -261,4 +286,3 @@ def _str(value: bytes | str) -> str:
 
 def _text(data: dict) -> dict[str, str]:
     return {_str(k): _str(v) for k, v in data.items()}
-

@@ -44,9 +44,6 @@ from cairn.retry import Backoff, retry
 
 log = logging.getLogger(__name__)
 
-EVENT_ID_HEADER = "Cairn-Event-Id"
-EVENT_TYPE_HEADER = "Cairn-Event-Type"
-
 
 @dataclass(frozen=True)
 class History:
@@ -115,8 +112,14 @@ class AppendInterrupted(UnavailableError):
     (its publish was not acknowledged), published after the message at `after_sequence`.
     """
 
-    def __init__(self, message: str, *, published: list[Envelope],
-                 unpublished: list[Envelope], after_sequence: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        published: list[Envelope],
+        unpublished: list[Envelope],
+        after_sequence: int,
+    ) -> None:
         super().__init__(message)
         self.published = published
         self.unpublished = unpublished
@@ -142,15 +145,28 @@ class _Pending:
 class EventStore:
     """Appends to and reads from Cairn's event stream through an EventBus."""
 
-    def __init__(self, bus: EventBus, stream: str = DEFAULT_STREAM, *,
-                 subject_prefix: str = SUBJECT_PREFIX, max_age: float = 0.0,
-                 num_replicas: int = 1, duplicate_window: float = 900.0,
-                 memory: bool = False, publish_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        stream: str = DEFAULT_STREAM,
+        *,
+        subject_prefix: str = SUBJECT_PREFIX,
+        max_age: float = 0.0,
+        num_replicas: int = 1,
+        duplicate_window: float = 900.0,
+        memory: bool = False,
+        publish_timeout: float | None = None,
+    ) -> None:
         self.bus = bus
         self.prefix = subject_prefix
         self.spec = StreamSpec(
-            name=stream, subjects=(f"{subject_prefix}.>",), max_age=max_age,
-            num_replicas=num_replicas, duplicate_window=duplicate_window, memory=memory)
+            name=stream,
+            subjects=(f"{subject_prefix}.>",),
+            max_age=max_age,
+            num_replicas=num_replicas,
+            duplicate_window=duplicate_window,
+            memory=memory,
+        )
         self.publish_timeout = publish_timeout
         self._ready = False
         self._ready_lock = asyncio.Lock()
@@ -181,10 +197,17 @@ class EventStore:
 
     # -- appending ---------------------------------------------------------------------
 
-    async def append(self, aggregate: str, aggregate_id: str,
-                     events: Event | Sequence[Event], expected_version: int | None, *,
-                     expected_sequence: int | None = None, trace: dict[str, str] | None = None,
-                     publish_timeout: float | None = None) -> Appended:
+    async def append(
+        self,
+        aggregate: str,
+        aggregate_id: str,
+        events: Event | Sequence[Event],
+        expected_version: int | None,
+        *,
+        expected_sequence: int | None = None,
+        trace: dict[str, str] | None = None,
+        publish_timeout: float | None = None,
+    ) -> Appended:
         """Appends events after `expected_version` of the aggregate (None: after whatever is
         there). ConflictError when the aggregate moved on; UnavailableError when the bus is
         down (AppendInterrupted if it went down half-way through several events).
@@ -201,31 +224,45 @@ class EventStore:
             if expected_version is None:
                 expected_version = last.version
             elif last.version != expected_version:
-                raise ConflictError(f"{aggregate} {aggregate_id} is at version {last.version}, "
-                                    f"not {expected_version}: reload and retry")
+                raise ConflictError(
+                    f"{aggregate} {aggregate_id} is at version {last.version}, "
+                    f"not {expected_version}: reload and retry"
+                )
             expected_sequence = last.sequence
-        envelopes = [Envelope.wrap(e, aggregate_id, expected_version + i + 1, trace=trace)
-                     for i, e in enumerate(batch)]
+        envelopes = [
+            Envelope.wrap(e, aggregate_id, expected_version + i + 1, trace=trace)
+            for i, e in enumerate(batch)
+        ]
         after = expected_sequence
         for i, envelope in enumerate(envelopes):
             try:
-                after = await self.publish_envelope(envelope, after,
-                                                    publish_timeout=publish_timeout)
+                after = await self.publish_envelope(
+                    envelope, after, publish_timeout=publish_timeout
+                )
             except UnavailableError as error:
                 self._ready = False  # the stream may be gone too: check it on the next call
-                raise AppendInterrupted(str(error), published=envelopes[:i],
-                                        unpublished=envelopes[i:], after_sequence=after) from error
+                raise AppendInterrupted(
+                    str(error),
+                    published=envelopes[:i],
+                    unpublished=envelopes[i:],
+                    after_sequence=after,
+                ) from error
         version = envelopes[-1].version if envelopes else expected_version
         return Appended(aggregate, aggregate_id, envelopes, version, after)
 
-    async def publish_envelope(self, envelope: Envelope, after_sequence: int, *,
-                               publish_timeout: float | None = None) -> int:
+    async def publish_envelope(
+        self, envelope: Envelope, after_sequence: int, *, publish_timeout: float | None = None
+    ) -> int:
         """Publishes one ready envelope after the aggregate's message at `after_sequence`;
         its stream sequence. Re-publishing the same envelope is harmless (deduplicated)."""
+        await self.ensure_stream()
         subject = self.subject(envelope.aggregate, envelope.aggregate_id)
-        ack = await self.bus.publish(subject, codec.encode(envelope),
-                                     self.headers(envelope, after_sequence),
-                                     publish_timeout=publish_timeout or self.publish_timeout)
+        ack = await self.bus.publish(
+            subject,
+            codec.encode(envelope),
+            self.headers(envelope, after_sequence),
+            publish_timeout=publish_timeout or self.publish_timeout,
+        )
         if ack.duplicate:
             await self._check_duplicate(envelope, ack.sequence)
         return ack.sequence
@@ -234,10 +271,9 @@ class EventStore:
         headers = {
             MSG_ID: self.msg_id(envelope),
             EXPECTED_LAST_SUBJECT_SEQUENCE: str(after_sequence),
-            EVENT_ID_HEADER: envelope.event_id,
-            EVENT_TYPE_HEADER: envelope.type,
         }
-        # The trace also rides in NATS headers, for tools that read only those.
+        # The trace also rides in NATS headers, for tools that read only those. Nothing else
+        # does: every header is stored and parsed again by every consumer.
         headers.update((k, v) for k, v in envelope.trace.items() if k not in headers)
         return headers
 
@@ -248,15 +284,28 @@ class EventStore:
     async def _check_duplicate(self, envelope: Envelope, sequence: int) -> None:
         """A duplicate ack is a success only if the stored message is this very event."""
         stored = await self.bus.message(self.stream, sequence)
-        if stored is not None and stored.headers.get(EVENT_ID_HEADER) == envelope.event_id:
+        if stored is not None and _event_id(stored) == envelope.event_id:
+            log.info(
+                "%s %s version %d was already stored (#%d): not stored again",
+                envelope.aggregate,
+                envelope.aggregate_id,
+                envelope.version,
+                sequence,
+            )
             return
-        raise ConflictError(f"{envelope.aggregate} {envelope.aggregate_id} version "
-                            f"{envelope.version} was written by another writer: reload and retry")
+        raise ConflictError(
+            f"{envelope.aggregate} {envelope.aggregate_id} version "
+            f"{envelope.version} was written by another writer: reload and retry"
+        )
 
     async def append_with_retry(
-        self, aggregate: str, aggregate_id: str,
-        decide: Callable[[History], Sequence[Event] | Awaitable[Sequence[Event]]], *,
-        deadline: float | None = 10.0, attempts: int | None = None,
+        self,
+        aggregate: str,
+        aggregate_id: str,
+        decide: Callable[[History], Sequence[Event] | Awaitable[Sequence[Event]]],
+        *,
+        deadline: float | None = 10.0,
+        attempts: int | None = None,
     ) -> Appended:
         """Load, decide, append; on ConflictError reload and decide again (cairn.retry).
 
@@ -271,16 +320,24 @@ class EventStore:
             events = list(decided or ())
             if not events:
                 return Appended(aggregate, aggregate_id, [], history.version, history.sequence)
-            return await self.append(aggregate, aggregate_id, events, history.version,
-                                     expected_sequence=history.sequence)
+            return await self.append(
+                aggregate, aggregate_id, events, history.version, expected_sequence=history.sequence
+            )
 
-        return await retry(attempt, deadline=deadline, attempts=attempts,
-                           retry_on=(ConflictError,),
-                           backoff=Backoff(initial=0.005, maximum=0.5))
+        return await retry(
+            attempt,
+            deadline=deadline,
+            attempts=attempts,
+            retry_on=(ConflictError,),
+            backoff=Backoff(initial=0.005, maximum=0.5),
+        )
 
-    async def append_many(self, requests: Sequence[AppendRequest], *,
-                          publish_timeout: float | None = None,
-                          ) -> list[Appended | CairnError]:
+    async def append_many(
+        self,
+        requests: Sequence[AppendRequest],
+        *,
+        publish_timeout: float | None = None,
+    ) -> list[Appended | CairnError]:
         """Appends to many aggregates at once, pipelining their publishes.
 
         Every aggregate keeps its own optimistic chain: the n-th events of all requests go
@@ -294,16 +351,28 @@ class EventStore:
                 raise InvalidArgument(f"append_many names {r.aggregate} {r.aggregate_id} twice")
             seen.add(key)
         await self.ensure_stream()
-        pending = await asyncio.gather(*(self._prepare(r) for r in requests))
+        pending = [self._prepare_known(r) for r in requests]
+        unknown = [i for i, p in enumerate(pending) if p is None]
+        if unknown:  # read the aggregates' last events concurrently
+            found = await asyncio.gather(*(self._prepare(requests[i]) for i in unknown))
+            for i, p in zip(unknown, found, strict=True):
+                pending[i] = p
         wave = 0
         while True:
             live = [p for p in pending if p.error is None and wave < len(p.envelopes)]
             if not live:
                 break
-            outgoing = [Outgoing(p.subject, codec.encode(p.envelopes[wave]),
-                                 self.headers(p.envelopes[wave], p.after)) for p in live]
+            outgoing = [
+                Outgoing(
+                    p.subject,
+                    codec.encode(p.envelopes[wave]),
+                    self.headers(p.envelopes[wave], p.after),
+                )
+                for p in live
+            ]
             acks = await self.bus.publish_many(
-                outgoing, publish_timeout=publish_timeout or self.publish_timeout)
+                outgoing, publish_timeout=publish_timeout or self.publish_timeout
+            )
             for p, ack in zip(live, acks, strict=True):
                 if isinstance(ack, CairnError):
                     p.error = ack
@@ -323,9 +392,18 @@ class EventStore:
                 results.append(p.error)
             else:
                 version = p.envelopes[-1].version if p.envelopes else r.expected_version or 0
-                results.append(Appended(r.aggregate, r.aggregate_id, p.envelopes, version,
-                                        p.after))
+                results.append(Appended(r.aggregate, r.aggregate_id, p.envelopes, version, p.after))
         return results
+
+    def _prepare_known(self, r: AppendRequest) -> _Pending | None:
+        """The request ready to publish, if it names both its version and sequence."""
+        if r.expected_version is None or r.expected_sequence is None:
+            return None
+        envelopes = [
+            Envelope.wrap(e, r.aggregate_id, r.expected_version + i + 1)
+            for i, e in enumerate(check_events(r.events, r.aggregate))
+        ]
+        return _Pending(self.subject(r.aggregate, r.aggregate_id), envelopes, r.expected_sequence)
 
     async def _prepare(self, r: AppendRequest) -> _Pending:
         subject = self.subject(r.aggregate, r.aggregate_id)
@@ -337,11 +415,18 @@ class EventStore:
             except CairnError as error:
                 return _Pending(subject, [], 0, error=error)
             if version is not None and last.version != version:
-                return _Pending(subject, [], 0, error=ConflictError(
-                    f"{r.aggregate} {r.aggregate_id} is at version {last.version}, not {version}"))
+                return _Pending(
+                    subject,
+                    [],
+                    0,
+                    error=ConflictError(
+                        f"{r.aggregate} {r.aggregate_id} is at version {last.version}, not {version}"
+                    ),
+                )
             version, after = last.version, last.sequence
-        envelopes = [Envelope.wrap(e, r.aggregate_id, version + i + 1)
-                     for i, e in enumerate(events)]
+        envelopes = [
+            Envelope.wrap(e, r.aggregate_id, version + i + 1) for i, e in enumerate(events)
+        ]
         return _Pending(subject, envelopes, after)
 
     # -- reading ------------------------------------------------------------------------
@@ -370,8 +455,11 @@ class EventStore:
         if newest.version <= 1:  # a one-event history needs no replay
             return History(aggregate, aggregate_id, [newest], last.sequence)
         envelopes: list[Envelope] = []
-        async with aclosing(self.bus.replay(self.stream, subject, 1,
-                                            batch=min(newest.version, 1024))) as batches:
+        async with aclosing(
+            self.bus.replay(
+                self.stream, subject, 1, until=last.sequence, batch=min(newest.version, 1024)
+            )
+        ) as batches:
             async for batch in batches:
                 for raw in batch:
                     if raw.sequence > last.sequence:  # appended after we looked: not ours
@@ -389,7 +477,7 @@ class EventStore:
         async with aclosing(self.bus.replay(self.stream, subject, after_sequence + 1)) as it:
             async for batch in it:
                 for raw in batch:
-                    if raw.headers.get(EVENT_ID_HEADER) == envelope.event_id:
+                    if _event_id(raw) == envelope.event_id:
                         return raw.sequence
         return 0
 
@@ -398,30 +486,48 @@ class EventStore:
         await self.ensure_stream()
         return await self.bus.last_sequence(self.stream)
 
-    async def read_batches(self, from_sequence: int = 1, *, follow: bool = False,
-                           filter_subject: str | None = None,
-                           batch: int = 256) -> AsyncIterator[list[Recorded]]:
+    async def read_batches(
+        self,
+        from_sequence: int = 1,
+        *,
+        follow: bool = False,
+        filter_subject: str | None = None,
+        batch: int = 256,
+    ) -> AsyncIterator[list[Recorded]]:
         """Stored events from `from_sequence` on, in stream order, a batch at a time.
 
         Undecodable messages come as Recorded with envelope None (and `error`), so that a
         reader can step over them without losing its place.
         """
         await self.ensure_stream()
-        async with aclosing(self.bus.replay(self.stream, filter_subject or self.all_subjects,
-                                            from_sequence, batch=batch, follow=follow)) as it:
+        async with aclosing(
+            self.bus.replay(
+                self.stream,
+                filter_subject or self.all_subjects,
+                from_sequence,
+                batch=batch,
+                follow=follow,
+            )
+        ) as it:
             async for raws in it:
                 yield [_recorded(raw) for raw in raws]
 
-    async def read_all(self, from_sequence: int = 1, *, follow: bool = False,
-                       filter_subject: str | None = None) -> AsyncIterator[Recorded]:
+    async def read_all(
+        self, from_sequence: int = 1, *, follow: bool = False, filter_subject: str | None = None
+    ) -> AsyncIterator[Recorded]:
         """Every decodable event from `from_sequence` on (poison messages are logged)."""
-        async with aclosing(self.read_batches(from_sequence, follow=follow,
-                                              filter_subject=filter_subject)) as batches:
+        async with aclosing(
+            self.read_batches(from_sequence, follow=follow, filter_subject=filter_subject)
+        ) as batches:
             async for batch in batches:
                 for rec in batch:
                     if rec.envelope is None:
-                        log.error("skipping undecodable event #%d on %s: %s",
-                                  rec.sequence, rec.subject, rec.error)
+                        log.error(
+                            "skipping undecodable event #%d on %s: %s",
+                            rec.sequence,
+                            rec.subject,
+                            rec.error,
+                        )
                         continue
                     yield rec
 
@@ -435,6 +541,13 @@ def check_events(events: Event | Iterable[Event], aggregate: str) -> list[Event]
         if e.aggregate != aggregate:
             raise InvalidArgument(f"{e.type_name()} belongs to {e.aggregate!r}, not {aggregate!r}")
     return batch
+
+
+def _event_id(raw: RawMessage) -> str | None:
+    try:
+        return codec.decode(raw.data).event_id
+    except codec.CodecError:
+        return None
 
 
 def _recorded(raw: RawMessage) -> Recorded:

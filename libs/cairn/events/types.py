@@ -13,7 +13,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from cairn.errors import InvalidArgument
 from cairn.events.codec import CodecError
 from cairn.events.envelope import Envelope, check_aggregate
 
@@ -106,8 +105,7 @@ def event_from(envelope: Envelope) -> Event | UnknownEvent:
         return UnknownEvent(envelope.type, envelope.aggregate, dict(envelope.payload))
     if cls.aggregate != envelope.aggregate:
         raise CodecError(
-            f"{envelope.type} belongs to aggregate {cls.aggregate!r}, "
-            f"not {envelope.aggregate!r}"
+            f"{envelope.type} belongs to aggregate {cls.aggregate!r}, not {envelope.aggregate!r}"
         )
     return cls.from_payload(envelope.payload)
 
@@ -137,12 +135,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
-
-
-def check_event(obj: Any) -> Event:
-    if not isinstance(obj, Event):
-        raise InvalidArgument(f"{obj!r} is not a Cairn event")
-    return obj
 
 
 # --- services -------------------------------------------------------------------------

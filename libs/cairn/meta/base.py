@@ -30,6 +30,7 @@ from cairn.meta.types import (
     CHUNK_SIZE,
     MAX_NLINK,
     ROOT_INODE,
+    TRASH_INODE,
     Attr,
     Format,
     Stats,
@@ -134,6 +135,7 @@ class MetaBase:
         self._parents: dict[int, tuple[int, float]] = {}
         self._opens: dict[int, int] = {}
         self._trash_dirs: dict[bytes, int] = {}
+        self._session_info: dict[str, str] = {}
 
     # -- transactions -------------------------------------------------------------------
 
@@ -268,7 +270,16 @@ class MetaBase:
         quotas = await self._quota_set()
         if not quotas:
             return []
-        return [d for d in await self._ancestors(parent) if d in quotas]
+        chain = await self._ancestors(parent)
+        if TRASH_INODE in chain:  # the trash counts against no quota
+            return []
+        return [d for d in chain if d in quotas]
+
+    async def _quota_chain_of(self, inode: int) -> list[int]:
+        """The quota directories containing inode (a file being written)."""
+        if not await self._quota_set():
+            return []
+        return await self._quota_chain((await self._get_attr(self.r, inode)).parent)
 
     async def _check_usage(
         self, dirs: list[int], space: int, inodes: int, volume: bool = True

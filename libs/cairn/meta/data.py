@@ -27,6 +27,7 @@ from cairn.meta.types import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     MAX_FILE_SIZE,
+    ROOT_CTX,
     W_OK,
     Attr,
     Ctx,
@@ -89,7 +90,11 @@ class DataMixin:
         slice: SliceView,
         mtime_ns: int | None = None,
     ) -> Attr:
-        """Commits a slice (whose blocks are already stored) at pos of chunk `index`."""
+        """Commits a slice (whose blocks are already stored) at pos of chunk `index`.
+
+        A write by a non-root ctx clears set-user-ID (and set-group-ID with group execute);
+        ctx None counts as root."""
+        ctx = ctx or ROOT_CTX
         if index < 0 or pos < 0 or slice.len <= 0 or pos + slice.len > CHUNK_SIZE:
             raise FSError(errno.EINVAL, f"slice [{pos}, +{slice.len}) does not fit a chunk")
         if slice.id and slice.off + slice.len > slice.size:
@@ -98,7 +103,7 @@ class DataMixin:
         if end > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG, "file too large")
         record = SliceRecord(pos, slice.id, slice.size, slice.off, slice.len)
-        dirs = await self._quota_chain((await self.getattr(inode)).parent)
+        dirs = await self._quota_chain_of(inode)
 
         async def body(tx: Tx) -> Attr:
             nonlocal dirs
@@ -124,11 +129,12 @@ class DataMixin:
         return await self._txn(body, keys.attr(inode), lock=[inode])
 
     async def truncate(self, ctx: Ctx, inode: int, length: int) -> Attr:
+        ctx = ctx or ROOT_CTX
         if length < 0:
             raise FSError(errno.EINVAL, "negative length")
         if length > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG, "file too large")
-        dirs = await self._quota_chain((await self.getattr(inode)).parent)
+        dirs = await self._quota_chain_of(inode)
 
         async def body(tx: Tx) -> Any:
             attr = await self._get_attr(tx.p, inode)
@@ -194,7 +200,7 @@ class DataMixin:
         if end > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG, "file too large")
         zeroing = bool(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))
-        dirs = await self._quota_chain((await self.getattr(inode)).parent)
+        dirs = await self._quota_chain_of(inode)
 
         async def body(tx: Tx) -> Attr:
             attr = await self._get_attr(tx.p, inode)
@@ -235,7 +241,7 @@ class DataMixin:
         """Copies by reference (no data moves): the destination names the same slices."""
         if flags or off_in < 0 or off_out < 0 or size < 0:
             raise FSError(errno.EINVAL, "bad copy_file_range arguments")
-        dirs = await self._quota_chain((await self.getattr(fout)).parent)
+        dirs = await self._quota_chain_of(fout)
 
         async def body(tx: Tx) -> int:
             await tx.watch(keys.attr(fout))
@@ -336,6 +342,12 @@ class DataMixin:
         elif new_slice.id:
             await self._release_slices([keys.slice_key(new_slice.id, new_slice.size)])
         return done
+
+    async def fragmented_chunks(self, min_records: int = 5) -> AsyncIterator[tuple[int, int]]:
+        """(inode, index) of chunks with at least min_records records: compaction's work."""
+        async for name in self.r.scan_iter(keys.CHUNK_PATTERN, 1000):
+            if await self.r.llen(name) >= min_records:
+                yield keys.parse_chunk_key(name)
 
     async def list_slices(self) -> AsyncIterator[tuple[int, int]]:
         """Every slice (id, size) some chunk record names (for gc and fsck)."""

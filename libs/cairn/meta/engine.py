@@ -62,6 +62,7 @@ from cairn.meta.types import (
     Quota,
     SliceView,
     StatFs,
+    unpack_entry,
 )
 from cairn.meta.xattrs import XattrMixin
 
@@ -113,6 +114,15 @@ def _map_redis_errors(cls):
     return cls
 
 
+class _OpenDescriptor:
+    """`Meta.open(url)` connects; `meta.open(ctx, inode, flags)` opens a file (open_file)."""
+
+    def __get__(self, obj, owner):
+        if obj is None:
+            return functools.partial(owner._connect, owner)
+        return obj.open_file
+
+
 @_map_redis_errors
 class Meta(
     NamespaceMixin,
@@ -126,8 +136,12 @@ class Meta(
 ):
     """A client of one volume's metadata in Redis. Safe with many clients on one Redis."""
 
-    @classmethod
-    async def open(cls, url: str) -> Meta:
+    open = _OpenDescriptor()
+
+    @staticmethod
+    async def _connect(cls: type[Meta], url: str) -> Meta:
+        """Connects to the volume at url: UnavailableError if Redis cannot be reached,
+        ConfigError if it holds no formatted volume."""
         r = connect(url)
         try:
             await r.ping()
@@ -140,7 +154,11 @@ class Meta(
             raise ConfigError(f"{safe_url(url)} holds no Cairn volume: run cairn format first")
         return cls(url, r, fmt)
 
-    async def close(self) -> None:
+    async def close(self, inode: int | None = None) -> None:
+        """close(inode) ends one open of a file (close_file); close() ends the client."""
+        if inode is not None:
+            await self.close_file(inode)
+            return
         await self.r.aclose()
 
     async def reload_format(self) -> Format:
@@ -164,7 +182,7 @@ class Meta(
                     continue
                 if start + 3600 + keep > now:
                     continue
-                _, sub = await self.lookup(ROOT_CTX, TRASH_INODE, hour)
+                sub, _ = await self.lookup(ROOT_CTX, TRASH_INODE, hour)
                 while entries := await self.readdir(ROOT_CTX, sub, limit=1000):
                     for e in entries:
                         try:
@@ -212,7 +230,7 @@ class Meta(
             for hour in hours:
                 value = await r.hget(keys.entries(TRASH_INODE), hour)
                 if value is not None:
-                    trash += await r.hlen(keys.entries(int.from_bytes(value[1:9], "little")))
+                    trash += await r.hlen(keys.entries(unpack_entry(value)[1]))
         return {
             "format": self.fmt.to_dict(),
             "session": self.sid,
@@ -256,7 +274,7 @@ async def _format(r, url: str, fmt: Format) -> Format:
         return _same(stored, fmt)
     fresh = Format.from_dict({**fmt.to_dict(), "uuid": fmt.uuid or str(uuidlib.uuid4())})
     now = now_ns()
-    root = Attr(ROOT_INODE, stat.S_IFDIR | 0o777, 0, 0, 4096, 3, 0, now, now, now, ROOT_INODE)
+    root = Attr(ROOT_INODE, stat.S_IFDIR | 0o777, 0, 0, 4096, 2, 0, now, now, now, ROOT_INODE)
     trash = Attr(TRASH_INODE, stat.S_IFDIR | 0o700, 0, 0, 4096, 2, 0, now, now, now, ROOT_INODE)
 
     async def body(tx: Tx) -> Format | None:

@@ -16,7 +16,6 @@ elsewhere. <ino> and <sid> are decimal integers; values marked "packed" are stru
   counter:inode           counter: last inode handed out (clients take batches)
   counter:slice           counter: last slice id handed out (clients take batches)
   counter:session         counter: last session id
-  stat:<name>             counters kept for status (e.g. stat:txn_restarts)
 
   i<ino>                  string packed Attr of an inode
   d<ino>                  hash   directory entries: name -> packed (type, inode)
@@ -32,7 +31,7 @@ elsewhere. <ino> and <sid> are decimal integers; values marked "packed" are stru
   slicerefs               hash   "<slice id>_<size>" -> number of chunk records naming it
   delslices               zset   "<slice id>_<size>" -> unix time after which its objects go
   delfiles                zset   "<ino>:<length>" -> time: files whose chunks are being freed
-  dirquota                hash   inode -> packed (space limit, inode limit)
+  dirquota                hash   inode -> "<space limit>,<inode limit>" (0 = unlimited)
   dirquota:space          hash   inode -> bytes used below the directory
   dirquota:inodes         hash   inode -> inodes used below the directory
 """
@@ -69,10 +68,6 @@ def session_open(sid: int | str) -> str:
 
 def session_locks(sid: int | str) -> str:
     return f"session:{sid}:locks"
-
-
-def stat(name: str) -> str:
-    return f"stat:{name}"
 
 
 def attr(ino: int) -> str:
@@ -124,6 +119,13 @@ def parse_slice_key(member: bytes | str) -> tuple[int, int]:
     text = member.decode() if isinstance(member, bytes) else member
     sid, size = text.split("_")
     return int(sid), int(size)
+
+
+def parse_chunk_key(key: bytes | str) -> tuple[int, int]:
+    """(inode, index) of a chunk key."""
+    text = key.decode() if isinstance(key, bytes) else key
+    ino, index = text[1:].split("_")
+    return int(ino), int(index)
 
 
 def inode_of(key: bytes | str) -> int:

@@ -279,6 +279,13 @@ class NamespaceMixin:
             body, keys.attr(newparent), keys.entries(newparent), lock=[newparent]
         )
 
+    async def get_parents(self, inode: int) -> dict[int, int]:
+        """Every directory linking the inode -> how many links it holds there."""
+        attr = await self.getattr(inode)
+        raw = await self.r.hgetall(keys.parents(inode))
+        counts = {int(k): int(v) for k, v in raw.items()}
+        return counts or ({attr.parent: 1} if attr.parent else {})
+
     async def _parent_counts(self, tx: Tx, attr: Attr) -> dict[int, int]:
         raw = await tx.p.hgetall(keys.parents(attr.inode))
         counts = {int(k): int(v) for k, v in raw.items()}
@@ -364,7 +371,8 @@ class NamespaceMixin:
                     self._queue_usage(p, new_dirs, space, 1, volume=False)
 
             return queue, None
-        if self.fmt.trash_days > 0 and not keep and attr.parent != 0:
+        in_trash = parent == TRASH_INODE or await self._parent_of_dir(parent) == TRASH_INODE
+        if self.fmt.trash_days > 0 and not keep and not in_trash:
             trash = await self._trash_dir(tx)
             trash_name = f"{parent}-{ino}-".encode() + name
             trash_name = trash_name[:MAX_NAME]
@@ -608,7 +616,8 @@ class NamespaceMixin:
             counts[frm_parent] = counts.get(frm_parent, 1) - 1
             counts[to_parent] = counts.get(to_parent, 0) + 1
             counts = {k: v for k, v in counts.items() if v > 0}
-        if attr.parent == frm_parent:
+        moved = attr.parent == frm_parent  # usage follows the parent the attr names
+        if moved:
             attr.parent = to_parent
         space = space_of(attr)
 
@@ -617,7 +626,7 @@ class NamespaceMixin:
             if counts is not None:
                 p.delete(keys.parents(attr.inode))
                 p.hset(keys.parents(attr.inode), mapping={str(k): v for k, v in counts.items()})
-            if frm != to:
+            if moved and frm != to:
                 self._queue_usage(p, frm, -space, -1, volume=False)
                 self._queue_usage(p, to, space, 1, volume=False)
 
@@ -704,8 +713,11 @@ class NamespaceMixin:
 
     # -- open and close -------------------------------------------------------------------
 
-    async def open(self, ctx: Ctx, inode: int, flags: int) -> Attr:
-        """Checks access for the open mode and records the inode as open in this session."""
+    async def open_file(self, ctx: Ctx, inode: int, flags: int) -> Attr:
+        """Checks access for the open mode and records the inode as open in this session.
+
+        Also reachable as meta.open(ctx, inode, flags) on an instance (Meta.open(url) on the
+        class connects)."""
         attr = await self.getattr(inode)
         acc = flags & os.O_ACCMODE
         mask = {os.O_RDONLY: R_OK, os.O_WRONLY: W_OK}.get(acc, R_OK | W_OK)
@@ -739,7 +751,7 @@ class NamespaceMixin:
             self._opens.pop(inode, None)
             raise
 
-    async def close(self, inode: int) -> None:
+    async def close_file(self, inode: int) -> None:
         """Forgets one open of inode; the last close of an unlinked file deletes it."""
         count = self._opens.get(inode, 0)
         if count > 1:
@@ -810,8 +822,8 @@ class NamespaceMixin:
             p.set(keys.attr(TRASH_INODE), tattr.pack())
             p.hset(keys.entries(TRASH_INODE), hour, pack_entry(attr.mode, ino))
             p.zadd(keys.names(TRASH_INODE), {hour: 0})
+            self._queue_usage(p, [], space_of(attr), 1)
             return ino
 
-        return await self._txn(
-            body, keys.attr(TRASH_INODE), keys.entries(TRASH_INODE), lock=[TRASH_INODE]
-        )
+        # no local lock: this runs inside other transactions that may hold the same stripe
+        return await self._txn(body, keys.attr(TRASH_INODE), keys.entries(TRASH_INODE))

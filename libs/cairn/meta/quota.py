@@ -25,13 +25,14 @@ class QuotaMixin:
             raise FSError(errno.EINVAL, "negative quota")
         await self._get_dir(self.r, inode)
         field = str(inode)
+        pipe = self.r.pipeline(transaction=True)
         if not await self.r.hexists(keys.QUOTA, field):
+            # a new quota starts from what the tree holds now
             used_space, used_inodes = await self.summary(inode)
-            pipe = self.r.pipeline(transaction=True)
             pipe.hset(keys.QUOTA_SPACE, field, used_space)
             pipe.hset(keys.QUOTA_INODES, field, used_inodes)
-            await pipe.execute()
-        await self.r.hset(keys.QUOTA, field, f"{space},{inodes}")
+        pipe.hset(keys.QUOTA, field, f"{space},{inodes}")
+        await pipe.execute()
         self._forget_quotas()
         return await self.get_quota(inode)
 

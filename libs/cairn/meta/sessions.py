@@ -18,16 +18,28 @@ class SessionMixin:
         sid = await self.r.incr(keys.NEXT_SESSION)
         now = time.time()
         record = {"started": now, **info}
+        self._session_info = {k: _text(v) for k, v in record.items()}
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(keys.session(sid), mapping={k: _text(v) for k, v in record.items()})
+        pipe.hset(keys.session(sid), mapping=self._session_info)
         pipe.zadd(keys.SESSIONS, {str(sid): now})
         await pipe.execute()
         self.sid = sid
         return sid
 
     async def heartbeat(self) -> None:
-        if self.sid is not None:
-            await self.r.zadd(keys.SESSIONS, {str(self.sid): time.time()})
+        """Marks this session alive. If others already cleaned it up as expired (a long
+        pause), it registers again with its open files; its locks are gone."""
+        sid = self.sid
+        if sid is None:
+            return
+        if await self.r.zadd(keys.SESSIONS, {str(sid): time.time()}):
+            self.stats.extra["session_revived"] = self.stats.extra.get("session_revived", 0) + 1
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(keys.session(sid), mapping=self._session_info)
+            for ino in self._opens:
+                pipe.sadd(keys.opened(ino), sid)
+                pipe.sadd(keys.session_open(sid), ino)
+            await pipe.execute()
 
     async def close_session(self) -> None:
         """Ends this client's session: its opens and locks go."""

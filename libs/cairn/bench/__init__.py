@@ -1,0 +1,1 @@
+"""Benchmarks run against real servers: `cairn bench <what>` (events: the event store)."""
