@@ -1,0 +1,95 @@
+"""`cairn dev up/status/down` and `cairn events tail` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cairn.csi.health import probe
+from cairn.rpc.channel import connect
+from cairn.rpc.gen import admin_pb2, admin_pb2_grpc
+
+CAIRN = str(Path(sys.executable).parent / "cairn")
+
+
+def cairn(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    return subprocess.run([CAIRN, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return b"zombie" not in Path(f"/proc/{pid}/status").read_bytes().lower()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def stack(tmp_path):
+    state = tmp_path / "dev"
+    result = cairn("dev", "up", "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    info = json.loads((state / "endpoints.json").read_text())
+    yield info
+    cairn("dev", "down", "--state-dir", str(state))  # idempotent: harmless after a test's own
+
+
+async def test_stack_answers_and_down_stops_exactly_it(stack, redis_server):
+    state = stack["state_dir"]
+    pids = {name: p["pid"] for name, p in stack["processes"].items()}
+    assert set(pids) == {"nats-server", "redis-server", "cairn-meta", "cairn-nodeplugin"}
+    assert all(alive(pid) for pid in pids.values())
+
+    async with connect(stack["admin_addr"]) as channel:
+        status = await admin_pb2_grpc.AdminStub(channel).GetStatus(admin_pb2.GetStatusRequest())
+    assert status.service == "cairn-meta"
+    assert {d.name: d.ok for d in status.dependencies} == {"redis": True, "object-store": True}
+    assert await probe(stack["controller_csi"]) == (True, "ok")
+    assert await probe(stack["node_csi"]) == (True, "ok")
+    with urllib.request.urlopen(f"http://{stack['health_addr']}/healthz", timeout=5) as answer:
+        assert answer.status == 200
+
+    status_cmd = cairn("dev", "status", "--state-dir", state)
+    assert status_cmd.returncode == 0 and "DEAD" not in status_cmd.stdout
+
+    tail = cairn("events", "tail", "--nats-url", stack["nats_url"], "-o", "json")
+    assert tail.returncode == 0, tail.stderr
+    started = [json.loads(line) for line in tail.stdout.splitlines()]
+    assert {(e["type"], e["payload"]["service"]) for e in started} >= {
+        ("ServiceStarted", "cairn-meta"), ("ServiceStarted", "cairn-nodeplugin")}
+
+    again = cairn("dev", "up", "--state-dir", state)  # already running: reused, not doubled
+    assert "already running" in again.stdout
+    assert json.loads((Path(state) / "endpoints.json").read_text())["processes"] == \
+        stack["processes"]
+
+    down = cairn("dev", "down", "--state-dir", state)
+    assert down.returncode == 0, down.stderr
+    assert not any(alive(pid) for pid in pids.values())
+    assert alive(redis_server.pid)  # another redis-server (the test session's) is untouched
+    assert cairn("dev", "status", "--state-dir", state).returncode == 3
+
+
+def test_down_without_stack_is_one_line(tmp_path):
+    result = cairn("dev", "down", "--state-dir", str(tmp_path / "none"))
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "nothing to stop" in result.stderr
+
+
+def test_demo_once_shows_everything_and_cleans_up(tmp_path):
+    state = tmp_path / "demo"
+    result = cairn("demo", "--once", "--state-dir", str(state), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CSI Probe controller" in result.stdout and "ready" in result.stdout
+    assert "/healthz: 200" in result.stdout
+    assert "ServiceStarted" in result.stdout
+    info = json.loads((state / "endpoints.json").read_text())
+    assert info["processes"] == {}
