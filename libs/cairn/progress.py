@@ -56,6 +56,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.live = _is_terminal(self.stream) if live is None else live
         self.counts: dict[str, int] = {}
+        self._last = ""  # the kind reported last: the rate shown is of that one
         self.started = time.monotonic()
         self._drawn = 0.0
         self._width = 0  # characters of the live line on screen
@@ -65,11 +66,13 @@ class Progress:
     def __call__(self, what: str, count: int) -> None:
         """The work reports that `count` of `what` are done so far."""
         self.counts[what] = count
+        self._last = what
         self._draw()
 
     def advance(self, n: int = 1, what: str = "") -> None:
         """`n` more of `what` are done."""
         self.counts[what] = self.counts.get(what, 0) + n
+        self._last = what
         self._draw()
 
     @property
@@ -113,16 +116,19 @@ class Progress:
             share = min(1.0, current / self.total)
             filled = int(share * BAR_WIDTH)
             bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-            return f"{self.label} [{bar}] {share:4.0%} {self._show(current)}/" \
+            return (
+                f"{self.label} [{bar}] {share:4.0%} {self._show(current)}/"
                 f"{self._show(self.total)}{rate}"
+            )
         return f"{self.label}: {text}{rate}"
 
     def _rate(self) -> str:
         elapsed = self.elapsed
         if elapsed < 0.5 or not self.counts:
             return ""
-        per_s = sum(self.counts.values()) / elapsed
-        return f"  {self._show(per_s)}/s"
+        per_s = self.counts.get(self._last, 0) / elapsed
+        kind = f" {self._last}" if self._last else ""
+        return f"  {self._show(per_s)}{kind}/s"
 
     def _show(self, n: float) -> str:
         return human_bytes(n) if self.unit == "B" else human_count(n)

@@ -76,3 +76,25 @@ def test_bad_number_setting_is_one_line(tmp_path):
     result = run("cairn-meta", "--stream-replicas", "three", "--data-dir", str(tmp_path))
     assert result.returncode == 2
     assert "--stream-replicas" in one_line(result)
+
+
+@pytest.mark.parametrize("program", ["cairn-provisioner", "cairn-attacher", "cairn-cache-syncer"])
+def test_kubernetes_services_without_cluster_are_one_line(program, nats_url, tmp_path):
+    result = run(program, "--nats-url", nats_url, "--data-dir", str(tmp_path),
+                 "--log-level", "ERROR", env={"KUBECONFIG": str(tmp_path / "missing")})
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "kubeconfig" in line and "missing" in line
+
+
+def test_unreachable_kubernetes_api_is_one_line(nats_url, tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:{free_port()}'}}}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+        "users: [{name: u, user: {token: t}}]\n")
+    result = run("cairn-provisioner", "--nats-url", nats_url, "--data-dir", str(tmp_path),
+                 "--kubeconfig", str(kubeconfig), "--log-level", "ERROR")
+    assert result.returncode == 69
+    assert "cannot reach the Kubernetes API" in one_line(result)

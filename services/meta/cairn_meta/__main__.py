@@ -3,10 +3,13 @@ gRPC servers (CSI Identity/Controller on a unix socket, the admin API on TCP).""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from cairn import config
 from cairn.config import redact
+from cairn.connect import ping_redis
+from cairn.connect import redis as connect_redis
 from cairn.csi.identity import CONTROLLER_CAPABILITIES, Identity
 from cairn.rpc.gen import admin_pb2_grpc, csi_pb2_grpc
 from cairn.rpc.server import RpcServer
@@ -22,20 +25,23 @@ SETTINGS = config.COMMON + (config.META_URL, config.STORAGE_URL, config.CSI_ENDP
 
 
 async def run(cfg: dict) -> None:
-    from cairn.connect import ping_redis
-    from cairn.connect import redis as connect_redis
-
     config.check_addr(config.ADMIN_ADDR, cfg["admin_addr"])
-    redis = await connect_redis(cfg["meta_url"])
-    store = None
-    if cfg.get("storage_url"):
-        from cairn.storage import open_store
+    async with contextlib.AsyncExitStack() as stack:
+        runtime = await open_runtime(cfg)  # NATS first: every later step may emit events
+        stack.push_async_callback(runtime.close)
+        redis = await connect_redis(cfg["meta_url"])
+        stack.push_async_callback(redis.aclose)
+        store = None
+        if cfg.get("storage_url"):
+            from cairn.storage import open_store
 
-        store = open_store(cfg["storage_url"])
-        await store.check()
-    runtime = await open_runtime(cfg)
-    servers, metrics = [], start_metrics_server(cfg.get("metrics_addr"))
-    try:
+            store = open_store(cfg["storage_url"])
+            stack.push_async_callback(store.close)
+            await store.check()
+        metrics = start_metrics_server(cfg.get("metrics_addr"))
+        if metrics is not None:
+            stack.callback(metrics.stop)
+
         async def redis_ok() -> None:
             await ping_redis(redis, cfg["meta_url"])
 
@@ -49,28 +55,20 @@ async def run(cfg: dict) -> None:
             checks.append(("object-store", redact(cfg["storage_url"]), store.check))
         admin = RpcServer(cfg["admin_addr"], interceptors=server_interceptors())
         admin.add(admin_pb2_grpc.add_AdminServicer_to_server, Admin(PROG, redis, checks))
-        servers.append(admin)
+        servers = [admin]
         if cfg.get("csi_endpoint"):
             csi = RpcServer(cfg["csi_endpoint"], interceptors=server_interceptors())
             csi.add(csi_pb2_grpc.add_IdentityServicer_to_server,
                     Identity(CONTROLLER_CAPABILITIES, probe))
             servers.append(csi)
+        stack.push_async_callback(runtime.announce_stopped)
         for server in servers:
             await server.start()
+            stack.push_async_callback(server.stop, 2)
         await runtime.announce_started()
         log.info("cairn-meta ready: admin on %s, CSI on %s", admin.address,
                  cfg.get("csi_endpoint") or "(none)")
         await wait_forever()
-    finally:
-        for server in servers:
-            await server.stop(grace=2)
-        await runtime.announce_stopped()
-        await runtime.close()
-        await redis.aclose()
-        if store is not None:
-            await store.close()
-        if metrics is not None:
-            metrics.stop()
 
 
 def main() -> None:

@@ -1,0 +1,143 @@
+"""The VFS's small metadata caches: attributes, directory entries, symlink targets and the
+resolved slices of chunks.
+
+Every cache here is an optimisation with a time to live: a value older than its TTL is
+never served, and the VFS drops values itself whenever a local operation changes them, so
+one client always sees its own changes at once while other clients' changes show up within
+the TTL (or at the next open(), which refetches: close-to-open consistency).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from cairn.meta.types import CHUNK_SIZE
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+DEFAULT_MAX_ITEMS = 100_000
+
+
+class TTLCache(Generic[K, V]):
+    """A bounded LRU map whose values expire `ttl` seconds after they were put.
+
+    A TTL of zero (or less) disables the cache: put() keeps nothing."""
+
+    def __init__(
+        self,
+        ttl: float,
+        max_items: int = DEFAULT_MAX_ITEMS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.max_items = max_items
+        self.clock = clock
+        self._items: OrderedDict[K, tuple[V, float]] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires <= self.clock():
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V, ttl: float | None = None) -> None:
+        ttl = self.ttl if ttl is None else ttl
+        if ttl <= 0:
+            self._items.pop(key, None)
+            return
+        self._items[key] = (value, self.clock() + ttl)
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def pop(self, key: K) -> None:
+        self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key) is not None  # type: ignore[arg-type]
+
+
+class ChunkCache:
+    """Stands in for the Meta in front of the ChunkReader: `read(inode, index)` answers the
+    resolved slices of a chunk from a short-lived cache.
+
+    A sequential reader asks for the same chunk hundreds of times (once per FUSE read);
+    this saves those Redis round trips. Three rules keep it from serving stale data:
+    - the VFS invalidates a chunk when this client commits a slice to it and a whole inode
+      on truncate, fallocate, copies and open();
+    - a lookup that was in flight while anything was invalidated is not stored (an epoch
+      counter), so a pre-commit answer never lands in the cache after the commit;
+    - a cached answer shorter than the file length the VFS expects (the file grew, as the
+      fresh attributes say) is a miss, so growth never reads as zeros.
+    """
+
+    def __init__(self, meta: Any, ttl: float, max_items: int = 10_000) -> None:
+        self.meta = meta
+        self._cache: TTLCache[tuple[int, int], tuple[list[Any], int]] = TTLCache(ttl, max_items)
+        self._by_inode: dict[int, set[int]] = {}
+        self._expected: dict[int, int] = {}
+        self._epoch = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def fmt(self) -> Any:
+        return self.meta.fmt
+
+    def expect(self, inode: int, length: int) -> None:
+        """The file length the next reads of inode assume (from its current attributes)."""
+        if len(self._expected) > DEFAULT_MAX_ITEMS:
+            self._expected.clear()
+        self._expected[inode] = length
+
+    async def read(self, inode: int, index: int) -> list[Any]:
+        wanted = max(0, min(CHUNK_SIZE, self._expected.get(inode, 0) - index * CHUNK_SIZE))
+        cached = self._cache.get((inode, index))
+        if cached is not None and cached[1] >= wanted:
+            self.hits += 1
+            return cached[0]
+        self.misses += 1
+        epoch = self._epoch
+        views = await self.meta.read(inode, index)
+        if epoch == self._epoch and self._cache.ttl > 0:
+            covered = sum(v.len for v in views)
+            self._cache.put((inode, index), (views, covered))
+            if len(self._by_inode) > DEFAULT_MAX_ITEMS:
+                self._by_inode.clear()
+            self._by_inode.setdefault(inode, set()).add(index)
+        return views
+
+    def invalidate(self, inode: int, index: int | None = None) -> None:
+        """Forget one chunk of inode, or all of them."""
+        self._epoch += 1
+        indexes = self._by_inode.get(inode)
+        if not indexes:
+            return
+        if index is None:
+            for i in indexes:
+                self._cache.pop((inode, i))
+            del self._by_inode[inode]
+        else:
+            self._cache.pop((inode, index))
+            indexes.discard(index)
+
+    def clear(self) -> None:
+        self._epoch += 1
+        self._cache.clear()
+        self._by_inode.clear()
+        self._expected.clear()
