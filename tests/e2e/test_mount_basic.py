@@ -228,6 +228,9 @@ def test_xattrs(mnt):
     assert err(os.getxattr, p, "user.color") == errno.ENODATA
     assert err(os.removexattr, p, "user.color") == errno.ENODATA
     assert os.listxattr(p) == []
+    # POSIX ACLs are not supported (tools fall back to the mode bits).
+    acl = b"\2\0\0\0\1\0\6\0\377\377\377\377\4\0\4\0\377\377\377\377 \0\4\0\377\377\377\377"
+    assert err(os.setxattr, p, "system.posix_acl_access", acl) == errno.EOPNOTSUPP
 
 
 def test_statfs(mnt):

@@ -48,6 +48,10 @@ STATFS_BLOCK = 4096
 NAME_MAX = 255
 GROUPS_TTL = 1.0
 GROUPS_CACHE_MAX = 4096
+# POSIX ACLs travel as these xattrs. Cairn does not implement ACLs (the kernel would leave
+# applying them to the mode bits to us), so they are refused as unsupported: cp -a, tar
+# and rsync then fall back to chmod, instead of storing an ACL nothing enforces.
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
 def fuse_errno(error: BaseException) -> int:
@@ -366,6 +370,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if name in ACL_XATTRS:
+            raise FUSEError(errno.EOPNOTSUPP)
         return await self.vfs.getxattr(self._ctx(ctx), inode, name)
 
     @_handler
@@ -375,10 +381,14 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         # pyfuse3 hands XATTR_CREATE / XATTR_REPLACE to getxattr first and drops the flags.
+        if name in ACL_XATTRS:
+            raise FUSEError(errno.EOPNOTSUPP)
         await self.vfs.setxattr(self._ctx(ctx), inode, name, value)
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        if name in ACL_XATTRS:
+            raise FUSEError(errno.EOPNOTSUPP)
         await self.vfs.removexattr(self._ctx(ctx), inode, name)
 
     def stacktrace(self) -> None:

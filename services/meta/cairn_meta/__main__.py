@@ -3,6 +3,7 @@ gRPC servers (CSI Identity/Controller on a unix socket, the admin API on TCP).""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -17,11 +18,15 @@ from cairn.service import entry, open_runtime, wait_forever
 from cairn.telemetry.grpc_otel import server_interceptors
 from cairn.telemetry.metrics import start_metrics_server
 from cairn_meta.admin import Admin
+from cairn_meta.jobs import run_jobs
 
 log = logging.getLogger("cairn_meta")
 PROG = "cairn-meta"
+JOBS_INTERVAL = config.Setting("jobs_interval", "seconds between housekeeping passes (session "
+                               "cleanup, trash expiry, compaction, GC); 0: off", 60.0, float)
 SETTINGS = config.COMMON + (config.META_URL, config.STORAGE_URL, config.CSI_ENDPOINT,
-                            config.ADMIN_ADDR, config.STREAM_REPLICAS, config.STREAM_MAX_AGE)
+                            config.ADMIN_ADDR, config.STREAM_REPLICAS, config.STREAM_MAX_AGE,
+                            JOBS_INTERVAL)
 
 
 async def run(cfg: dict) -> None:
@@ -65,10 +70,19 @@ async def run(cfg: dict) -> None:
         for server in servers:
             await server.start()
             stack.push_async_callback(server.stop, 2)
+        if cfg["jobs_interval"] > 0:
+            jobs = asyncio.create_task(run_jobs(cfg["meta_url"], cfg["jobs_interval"]))
+            stack.push_async_callback(cancel_and_wait, jobs)
         await runtime.announce_started()
         log.info("cairn-meta ready: admin on %s, CSI on %s", admin.address,
                  cfg.get("csi_endpoint") or "(none)")
         await wait_forever()
+
+
+async def cancel_and_wait(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def main() -> None:
