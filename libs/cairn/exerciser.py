@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import errno
 import functools
 import os
@@ -31,6 +32,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from cairn.errors import FSError
+
 KiB = 1024
 MiB = 1024 * KiB
 MAX_FILE = 4 * MiB  # writes stay below this offset: files of a few MiB at most
@@ -39,6 +42,8 @@ MAX_SYMLINK_HOPS = 40
 NAMES = ("a", "b", "c", "d", "e", "f", "g", "h")
 XATTR_NAMES = ("user.one", "user.two", "user.three")
 READ_PIECE = 1 * MiB
+# fallocate(2) modes: allocate, keep size, punch a hole, zero a range
+FALLOCATE_MODES = (0, 0x01, 0x02 | 0x01, 0x10, 0x10 | 0x01)
 
 
 class Divergence(AssertionError):
@@ -79,6 +84,10 @@ class Target(Protocol):
     async def pwrite(self, hid: int, offset: int, data: bytes) -> int: ...
     async def ftruncate(self, hid: int, size: int) -> None: ...
     async def fsync(self, hid: int) -> None: ...
+    async def fallocate(self, hid: int, mode: int, offset: int, length: int) -> None: ...
+    async def copy_range(
+        self, hid_in: int, off_in: int, hid_out: int, off_out: int, n: int
+    ) -> int: ...
     async def read(self, path: str, offset: int, size: int) -> bytes: ...
     async def write(self, path: str, offset: int, data: bytes) -> int: ...
     async def truncate(self, path: str, size: int) -> None: ...
@@ -148,6 +157,13 @@ class LocalDirTarget:
 
     async def fsync(self, hid: int) -> None:
         await self._run(os.fsync, self._fd(hid))
+
+    async def fallocate(self, hid: int, mode: int, offset: int, length: int) -> None:
+        await self._run(_fallocate, self._fd(hid), mode, offset, length)
+
+    async def copy_range(self, hid_in: int, off_in: int, hid_out: int, off_out: int, n: int) -> int:
+        fd_in, fd_out = self._fd(hid_in), self._fd(hid_out)
+        return await self._run(os.copy_file_range, fd_in, fd_out, n, off_in, off_out)
 
     async def read(self, path: str, offset: int, size: int) -> bytes:
         def work() -> bytes:
@@ -224,6 +240,20 @@ class LocalDirTarget:
             await self.close(hid)
 
 
+_libc: Any = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode (os.posix_fallocate only does mode 0)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 # -- a cairn VFS, driven the way the kernel drives it ----------------------------------------
 
 
@@ -244,7 +274,6 @@ class VFSTarget:
         self.handles: dict[int, tuple[int, int, int]] = {}  # hid -> (fh, inode, flags)
 
     async def _call(self, work: Awaitable[Any]) -> Any:
-        from cairn.errors import FSError
         from cairn.vfs import to_errno
 
         try:
@@ -335,6 +364,27 @@ class VFSTarget:
         fh, _, _ = self._h(hid)
         await self._call(self.vfs.fsync(fh))
 
+    async def fallocate(self, hid: int, mode: int, offset: int, length: int) -> None:
+        fh, _, flags = self._h(hid)
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "not open for writing")
+        await self._call(self.vfs.fallocate(fh, mode, offset, length))
+
+    async def copy_range(self, hid_in: int, off_in: int, hid_out: int, off_out: int, n: int) -> int:
+        fh_in, ino_in, flags_in = self._h(hid_in)
+        fh_out, ino_out, flags_out = self._h(hid_out)
+        for ino in (ino_in, ino_out):
+            attr = await self._call(self.vfs.getattr(self.ctx, ino))
+            if stat.S_ISDIR(attr.mode):
+                raise OSError(errno.EISDIR, "copy_file_range of a directory")
+        if (
+            flags_in & os.O_ACCMODE == os.O_WRONLY
+            or flags_out & os.O_ACCMODE == os.O_RDONLY
+            or flags_out & os.O_APPEND
+        ):
+            raise OSError(errno.EBADF, "handles not open for reading / writing (no append)")
+        return await self._call(self.vfs.copy_file_range(fh_in, off_in, fh_out, off_out, n))
+
     async def read(self, path: str, offset: int, size: int) -> bytes:
         async def work() -> bytes:
             fh, _ = await self._open(path, os.O_RDONLY)
@@ -391,7 +441,7 @@ class VFSTarget:
             raise OSError(errno.EINVAL, "source is an ancestor of the target")
         try:
             target = (await self.vfs.lookup(self.ctx, dp, dname)).inode
-        except Exception:
+        except FSError:
             return
         if target in await self._ancestors(sp):
             raise OSError(errno.ENOTEMPTY, "target is an ancestor of the source")
@@ -667,7 +717,8 @@ class _Runner:
         if self.xattrs:
             ops += [("setxattr", 2), ("getxattr", 2), ("listxattr", 1), ("removexattr", 1)]
         if self.handles:
-            ops += [("hwrite", 14), ("hread", 8), ("hclose", 4), ("hftruncate", 2), ("hfsync", 1)]
+            ops += [("hwrite", 14), ("hread", 8), ("hclose", 4), ("hftruncate", 2), ("hfsync", 1),
+                    ("hfallocate", 2), ("hcopy", 2)]  # fmt: skip
         return ops
 
     async def op_create(self, tree: _Tree) -> None:
@@ -816,6 +867,32 @@ class _Runner:
         hid = self._hid()
         size = self.rng.choice((0, self.rng.randint(0, 300 * KiB), self.rng.randint(0, MAX_FILE)))
         await self._plain(f"ftruncate #{hid} {size}", "ftruncate", hid, size)
+
+    async def op_hfallocate(self, tree: _Tree) -> None:
+        hid = self._hid()
+        mode = self.rng.choice(FALLOCATE_MODES)
+        size = await self._size_hint(self.handles[hid])
+        offset = self.rng.randint(0, size + 100 * KiB)
+        length = self.rng.randint(1, 200 * KiB)
+        await self._plain(
+            f"fallocate #{hid} {mode:#x} @{offset} +{length}",
+            "fallocate",
+            hid,
+            mode,
+            offset,
+            length,
+        )
+
+    async def op_hcopy(self, tree: _Tree) -> None:
+        hin, hout = self._hid(), self._hid()
+        size = await self._size_hint(self.handles[hin])
+        off_in = self.rng.randint(0, size + 10)
+        n = self.rng.randint(1, 300 * KiB)
+        off_out = self._offset(await self._size_hint(self.handles[hout]), n)
+        await self._plain(
+            f"copy_file_range #{hin} @{off_in} -> #{hout} @{off_out} +{n}",
+            "copy_range", hin, off_in, hout, off_out, n,
+        )  # fmt: skip
 
     async def op_hfsync(self, tree: _Tree) -> None:
         hid = self._hid()

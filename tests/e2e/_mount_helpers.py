@@ -115,7 +115,10 @@ def pid_file(run_dir: Path, mountpoint: Path) -> Path:
 
 def start_mount(volume: Volume, path: Path, work: Path, *extra: str) -> Mount:
     """`cairn mount --background`; returns once it answered, with the PID from its PID file."""
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:  # (stat, as exist_ok does, fails on a dead mount)
+        pass
     run_dir = work / "run"
     log = work / f"{path.name}.log"
     result = cairn("mount", volume.meta_url, str(path), "--background", "--log", str(log),

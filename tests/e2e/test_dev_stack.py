@@ -20,8 +20,7 @@ CAIRN = str(Path(sys.executable).parent / "cairn")
 
 def cairn(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
-    return subprocess.run([CAIRN, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run([CAIRN, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def alive(pid: int) -> bool:
@@ -63,12 +62,15 @@ async def test_stack_answers_and_down_stops_exactly_it(stack, redis_server):
     assert tail.returncode == 0, tail.stderr
     started = [json.loads(line) for line in tail.stdout.splitlines()]
     assert {(e["type"], e["payload"]["service"]) for e in started} >= {
-        ("ServiceStarted", "cairn-meta"), ("ServiceStarted", "cairn-nodeplugin")}
+        ("ServiceStarted", "cairn-meta"),
+        ("ServiceStarted", "cairn-nodeplugin"),
+    }
 
     again = cairn("dev", "up", "--state-dir", state)  # already running: reused, not doubled
     assert "already running" in again.stdout
-    assert json.loads((Path(state) / "endpoints.json").read_text())["processes"] == \
-        stack["processes"]
+    assert (
+        json.loads((Path(state) / "endpoints.json").read_text())["processes"] == stack["processes"]
+    )
 
     down = cairn("dev", "down", "--state-dir", state)
     assert down.returncode == 0, down.stderr

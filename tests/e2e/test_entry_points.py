@@ -12,14 +12,25 @@ import pytest
 from cairn.localstack import free_port
 
 BIN = Path(sys.executable).parent
-SERVICES = ["cairn-meta", "cairn-nodeplugin", "cairn-provisioner", "cairn-attacher",
-            "cairn-cache-syncer"]
+SERVICES = [
+    "cairn-meta",
+    "cairn-nodeplugin",
+    "cairn-provisioner",
+    "cairn-attacher",
+    "cairn-cache-syncer",
+]
 
 
 def run(*argv: str, timeout: float = 30, env: dict | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
-    return subprocess.run([str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True,
-                          timeout=timeout, env={**clean, **(env or {})}, cwd="/tmp")
+    return subprocess.run(
+        [str(BIN / argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, **(env or {})},
+        cwd="/tmp",
+    )
 
 
 @pytest.mark.parametrize("program", ["cairn", *SERVICES])
@@ -46,8 +57,9 @@ def one_line(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("program", SERVICES)
 def test_unreachable_nats_is_one_line(program, tmp_path):
     url = f"nats://127.0.0.1:{free_port()}"
-    result = run(program, "--nats-url", url, "--data-dir", str(tmp_path),
-                 env={"CAIRN_LOG_LEVEL": "ERROR"})
+    result = run(
+        program, "--nats-url", url, "--data-dir", str(tmp_path), env={"CAIRN_LOG_LEVEL": "ERROR"}
+    )
     assert result.returncode != 0
     line = one_line(result)
     assert url in line and "nats" in line.lower()
@@ -55,8 +67,17 @@ def test_unreachable_nats_is_one_line(program, tmp_path):
 
 def test_unreachable_redis_is_one_line(nats_url, tmp_path):
     url = f"redis://:secret@127.0.0.1:{free_port()}/0"
-    result = run("cairn-meta", "--nats-url", nats_url, "--meta-url", url,
-                 "--data-dir", str(tmp_path), "--log-level", "ERROR")
+    result = run(
+        "cairn-meta",
+        "--nats-url",
+        nats_url,
+        "--meta-url",
+        url,
+        "--data-dir",
+        str(tmp_path),
+        "--log-level",
+        "ERROR",
+    )
     assert result.returncode != 0
     line = one_line(result)
     assert f"127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}" in line
@@ -65,8 +86,9 @@ def test_unreachable_redis_is_one_line(nats_url, tmp_path):
 
 
 def test_env_variable_is_used_and_validated(tmp_path):
-    result = run("cairn-meta", "--data-dir", str(tmp_path),
-                 env={"CAIRN_NATS_URL": "http://127.0.0.1:1"})
+    result = run(
+        "cairn-meta", "--data-dir", str(tmp_path), env={"CAIRN_NATS_URL": "http://127.0.0.1:1"}
+    )
     assert result.returncode == 2
     line = one_line(result)
     assert "CAIRN_NATS_URL" in line and "nats://" in line
@@ -80,8 +102,16 @@ def test_bad_number_setting_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("program", ["cairn-provisioner", "cairn-attacher", "cairn-cache-syncer"])
 def test_kubernetes_services_without_cluster_are_one_line(program, nats_url, tmp_path):
-    result = run(program, "--nats-url", nats_url, "--data-dir", str(tmp_path),
-                 "--log-level", "ERROR", env={"KUBECONFIG": str(tmp_path / "missing")})
+    result = run(
+        program,
+        "--nats-url",
+        nats_url,
+        "--data-dir",
+        str(tmp_path),
+        "--log-level",
+        "ERROR",
+        env={"KUBECONFIG": str(tmp_path / "missing")},
+    )
     assert result.returncode == 2
     line = one_line(result)
     assert "kubeconfig" in line and "missing" in line
@@ -93,8 +123,18 @@ def test_unreachable_kubernetes_api_is_one_line(nats_url, tmp_path):
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
         f"clusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:{free_port()}'}}}}]\n"
         "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
-        "users: [{name: u, user: {token: t}}]\n")
-    result = run("cairn-provisioner", "--nats-url", nats_url, "--data-dir", str(tmp_path),
-                 "--kubeconfig", str(kubeconfig), "--log-level", "ERROR")
+        "users: [{name: u, user: {token: t}}]\n"
+    )
+    result = run(
+        "cairn-provisioner",
+        "--nats-url",
+        nats_url,
+        "--data-dir",
+        str(tmp_path),
+        "--kubeconfig",
+        str(kubeconfig),
+        "--log-level",
+        "ERROR",
+    )
     assert result.returncode == 69
     assert "cannot reach the Kubernetes API" in one_line(result)

@@ -29,7 +29,7 @@ from cairn.meta.engine import (
     format_volume,
 )
 from cairn.storage import open_store
-from cairn.vfs import VFS, to_errno
+from cairn.vfs import VFS
 
 # moto's S3 server fixtures (tests/s3server.py), bound so pytest finds them here.
 s3_server = s3server.s3_server
@@ -760,12 +760,6 @@ async def test_open_volume_fails_in_one_line(redis_url, tmp_path):
         await VFS.open_volume(redis_url)  # not formatted
     with pytest.raises(UnavailableError):
         await VFS.open_volume("redis://127.0.0.1:1/0")
-
-
-def test_to_errno():
-    assert to_errno(FSError(errno.ENOSPC)) == errno.ENOSPC
-    assert to_errno(UnavailableError("redis down")) == errno.EIO
-    assert to_errno(RuntimeError("bug")) == errno.EIO
 
 
 # -- S3 ------------------------------------------------------------------------------------------

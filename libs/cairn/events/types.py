@@ -194,6 +194,15 @@ class VolumeDeleted(Event):
 
 
 @event
+class VolumeExpanded(Event):
+    """The volume's capacity (its directory quota, for a shared volume) grew."""
+
+    aggregate = "volume"
+    capacity_bytes: int
+    previous_bytes: int = 0
+
+
+@event
 class VolumeAttached(Event):
     aggregate = "volume"
     node: str
@@ -245,6 +254,26 @@ class MountRecovered(Event):
     old_pid: int = 0
     new_pid: int = 0
     targets: list = field(default_factory=list)
+
+
+# --- snapshots (aggregate id: the CSI snapshot id) ------------------------------------------
+
+
+@event
+class SnapshotCreated(Event):
+    """A copy-on-write clone of a volume's directory was taken (no data copied)."""
+
+    aggregate = "snapshot"
+    name: str
+    source_volume_id: str
+    size_bytes: int
+    path: str = ""
+
+
+@event
+class SnapshotDeleted(Event):
+    aggregate = "snapshot"
+    source_volume_id: str = ""
 
 
 # --- nodes (aggregate id: the Kubernetes node name) ----------------------------------------

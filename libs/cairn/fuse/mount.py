@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import logging
@@ -267,6 +269,20 @@ def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future:
     return future
 
 
+def syncfs(path: str) -> None:
+    """syncfs(2) on the file system at path, without holding the GIL: with the writeback
+    cache the kernel answers it by sending this very process WRITE requests, which the
+    event loop must be free to serve (pyfuse3.syncfs keeps the GIL and would deadlock)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+    finally:
+        os.close(fd)
+
+
 class _Stopper:
     """Turns SIGTERM/SIGINT into an orderly stop of the FUSE loop."""
 
@@ -292,9 +308,7 @@ class _Stopper:
         import pyfuse3
 
         try:
-            await asyncio.wait_for(
-                _in_daemon_thread(lambda: pyfuse3.syncfs(self.mountpoint)), SYNC_TIMEOUT
-            )
+            await asyncio.wait_for(_in_daemon_thread(lambda: syncfs(self.mountpoint)), SYNC_TIMEOUT)
         except (OSError, TimeoutError) as error:
             log.warning("syncfs of %s before unmount: %s", self.mountpoint, error)
         try:

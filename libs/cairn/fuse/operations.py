@@ -48,6 +48,7 @@ STATFS_BLOCK = 4096
 NAME_MAX = 255
 GROUPS_TTL = 1.0
 GROUPS_CACHE_MAX = 4096
+TOLD_MAX = 200_000
 # POSIX ACLs travel as these xattrs. Cairn does not implement ACLs (the kernel would leave
 # applying them to the mode bits to us), so they are refused as unsupported: cp -a, tar
 # and rsync then fall back to chmod, instead of storing an ACL nothing enforces.
@@ -120,9 +121,9 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback_cache
         self.read_only = read_only
         self._groups: dict[int, tuple[tuple[int, ...], float]] = {}
-        # (mtime, size) of each inode when it was last opened: an unchanged file keeps
-        # the kernel's page cache (keep_cache), a changed one has it dropped.
-        self._opened: dict[int, tuple[int, int]] = {}
+        # (mtime, size) of each regular file as last told to the kernel: what its cached
+        # attributes (and pages) reflect. See open().
+        self._told: dict[int, tuple[int, int]] = {}
 
     # -- credentials and attributes -------------------------------------------------------
 
@@ -150,7 +151,9 @@ class Operations(pyfuse3.Operations):
         self._groups[pid] = (groups, now + GROUPS_TTL)
         return groups
 
-    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _entry(self, attr: Attr, told: bool = True) -> pyfuse3.EntryAttributes:
+        """The kernel's view of attr; told=False when it may not reach the kernel (call
+        _tell once it did)."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.inode
         e.generation = 0
@@ -169,7 +172,15 @@ class Operations(pyfuse3.Operations):
         e.st_atime_ns = attr.atime
         e.st_mtime_ns = attr.mtime
         e.st_ctime_ns = attr.ctime
+        if told:
+            self._tell(attr)
         return e
+
+    def _tell(self, attr: Attr) -> None:
+        if attr.is_file():
+            if len(self._told) >= TOLD_MAX:
+                self._told.clear()
+            self._told[attr.inode] = (attr.mtime, attr.size)
 
     # -- namespace ----------------------------------------------------------------------------
 
@@ -262,7 +273,9 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         fh = await self.vfs.open(self._ctx(ctx), inode, flags)
         self._writeback_handle(fh)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=await self._keep_cache(inode))
+        return pyfuse3.FileInfo(
+            fh=fh, keep_cache=self._fresh_open(inode, await self.vfs.getattr(None, inode))
+        )
 
     @_handler
     async def create(
@@ -270,21 +283,25 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fh, attr = await self.vfs.create(self._ctx(ctx), parent_inode, name, mode, flags)
         self._writeback_handle(fh)
-        self._opened[attr.inode] = (attr.mtime, attr.size)
         return pyfuse3.FileInfo(fh=fh), self._entry(attr)
 
-    async def _keep_cache(self, inode: int) -> bool:
-        """Whether the kernel may keep this file's cached pages: yes when the file is as it
-        was at its last open here (the open just refetched its attributes)."""
-        attr = await self.vfs.getattr(None, inode)
+    def _fresh_open(self, inode: int, attr: Attr) -> bool:
+        """Close-to-open for the kernel's caches; True when it may keep the cached pages.
+
+        The VFS open just refetched the attributes. If they are what the kernel was last
+        told, its cached attributes and pages are current (a change it heard of would have
+        dropped the pages: libfuse's auto_inval_data). Otherwise another client changed the
+        file: the kernel's attributes are marked stale, so the reads after this open ask
+        for the new size instead of cutting the file at the old one, and the pages go."""
         if not attr.is_file():
             return False
-        now = (attr.mtime, attr.size)
-        before = self._opened.get(inode)
-        if len(self._opened) > 100_000:
-            self._opened.clear()
-        self._opened[inode] = now
-        return before == now
+        if self._told.get(inode) == (attr.mtime, attr.size):
+            return True
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        except OSError as error:  # the kernel no longer knows the inode: nothing is stale
+            log.debug("invalidating inode %d: %s", inode, error)
+        return False
 
     def _writeback_handle(self, fh: int) -> None:
         """With the writeback cache the kernel reads pages of files opened write-only and
@@ -331,8 +348,10 @@ class Operations(pyfuse3.Operations):
                 return
             for e in entries:
                 # False: the kernel's buffer is full; it asks again from `offset`.
-                if not pyfuse3.readdir_reply(token, e.name, self._entry(e.attr), e.next_offset):
+                entry = self._entry(e.attr, told=False)
+                if not pyfuse3.readdir_reply(token, e.name, entry, e.next_offset):
                     return
+                self._tell(e.attr)
                 offset = e.next_offset
 
     @_handler

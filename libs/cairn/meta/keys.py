@@ -7,6 +7,7 @@ elsewhere. <ino> and <sid> are decimal integers; values marked "packed" are stru
 
   setting                 JSON: the file system's settings (name, uuid, storage, block size...)
   csi:volumes             hash  volume id -> msgpack record of a CSI volume (catalogue)
+  csi:snapshots           hash  snapshot id -> msgpack record of a CSI snapshot (catalogue)
   sessions                zset  session id -> last heartbeat (unix seconds)
   session:<sid>           hash  session info (hostname, pid, mountpoint, version, started)
   session:<sid>:open      set   inodes this session holds open
@@ -34,10 +35,13 @@ elsewhere. <ino> and <sid> are decimal integers; values marked "packed" are stru
   dirquota                hash   inode -> "<space limit>,<inode limit>" (0 = unlimited)
   dirquota:space          hash   inode -> bytes used below the directory
   dirquota:inodes         hash   inode -> inodes used below the directory
+  detached                zset   root inode of a tree being cloned, not linked yet -> unix
+                                 time of its last progress (cairn.meta.clone)
 """
 
 SETTING = "setting"
 CSI_VOLUMES = "csi:volumes"
+CSI_SNAPSHOTS = "csi:snapshots"
 SESSIONS = "sessions"
 USED_SPACE = "usage:space"
 USED_INODES = "usage:inodes"
@@ -52,6 +56,7 @@ DELETED_FILES = "delfiles"
 QUOTA = "dirquota"
 QUOTA_SPACE = "dirquota:space"
 QUOTA_INODES = "dirquota:inodes"
+DETACHED = "detached"
 
 # SCAN patterns matching exactly one kind of per-inode key (dump, fsck).
 ATTR_PATTERN = "i[0-9]*"

@@ -404,6 +404,12 @@ class VFS:
         """Commits ino's pending writes (before a read, truncate or setattr)."""
         if self._writer_busy(ino):
             await self.writer.flush(ino)
+        self._settle(ino)
+
+    def _settle(self, ino: int) -> None:
+        """Forgets the local size of ino's writes once they are all committed."""
+        if ino in self._dirty and not self._writer_busy(ino):
+            del self._dirty[ino]
 
     async def _truncate(self, ctx: Ctx, ino: int, size: int) -> Attr:
         await self._flush_inode(ino)
@@ -690,6 +696,7 @@ class VFS:
         try:
             if h.writer is not None:
                 await h.writer.flush()
+                self._settle(h.inode)
         finally:
             if lock_owner is not None and lock_owner in h.posix_owners:
                 h.posix_owners.discard(lock_owner)
@@ -700,6 +707,7 @@ class VFS:
         h = self.handles.file(fh)
         if h.writer is not None:
             await h.writer.flush()
+            self._settle(h.inode)
         else:
             await self._flush_inode(h.inode)
 
@@ -712,6 +720,7 @@ class VFS:
         errors: list[BaseException] = []
         if h.writer is not None:
             await _collect(errors, h.writer.close())
+            self._settle(h.inode)
         self.reader.forget(fh)
         if h.flock_owner is not None:
             await _collect(errors, self.meta.flock(h.inode, h.flock_owner, F_UNLCK))

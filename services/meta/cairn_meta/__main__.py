@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from cairn import config
 from cairn.config import redact
@@ -18,6 +19,9 @@ from cairn.service import entry, open_runtime, wait_forever
 from cairn.telemetry.grpc_otel import server_interceptors
 from cairn.telemetry.metrics import start_metrics_server
 from cairn_meta.admin import Admin
+from cairn_meta.capacity import NodeCapacityProjection
+from cairn_meta.catalogue import Catalogue
+from cairn_meta.controller import Controller, FileSystems
 from cairn_meta.jobs import run_jobs
 
 log = logging.getLogger("cairn_meta")
@@ -62,10 +66,13 @@ async def run(cfg: dict) -> None:
         admin.add(admin_pb2_grpc.add_AdminServicer_to_server, Admin(PROG, redis, checks))
         servers = [admin]
         if cfg.get("csi_endpoint"):
-            csi = RpcServer(cfg["csi_endpoint"], interceptors=server_interceptors())
-            csi.add(csi_pb2_grpc.add_IdentityServicer_to_server,
-                    Identity(CONTROLLER_CAPABILITIES, probe))
-            servers.append(csi)
+            filesystems = FileSystems(cfg["meta_url"])
+            stack.push_async_callback(filesystems.close)
+            capacity = NodeCapacityProjection(redis, runtime.store)
+            controller = Controller(Catalogue(redis), filesystems, runtime.events, capacity)
+            servers.append(build_csi_server(cfg["csi_endpoint"], probe, controller))
+            following = asyncio.create_task(capacity.run())  # node reports -> Redis
+            stack.push_async_callback(cancel_and_wait, following)
         stack.push_async_callback(runtime.announce_stopped)
         for server in servers:
             await server.start()
@@ -77,6 +84,15 @@ async def run(cfg: dict) -> None:
         log.info("cairn-meta ready: admin on %s, CSI on %s", admin.address,
                  cfg.get("csi_endpoint") or "(none)")
         await wait_forever()
+
+
+def build_csi_server(endpoint: str, probe: Callable[[], Awaitable[None]],
+                     controller: Controller) -> RpcServer:
+    """The CSI endpoint of cairn-meta: Identity and Controller on one (unix) socket."""
+    csi = RpcServer(endpoint, interceptors=server_interceptors())
+    csi.add(csi_pb2_grpc.add_IdentityServicer_to_server, Identity(CONTROLLER_CAPABILITIES, probe))
+    csi.add(csi_pb2_grpc.add_ControllerServicer_to_server, controller)
+    return csi
 
 
 async def cancel_and_wait(task: asyncio.Task) -> None:
