@@ -11,7 +11,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import pyfuse3
 import pytest
+
+from cairn.errors import (
+    ConflictError,
+    DeadlineExceeded,
+    FSError,
+    InvalidArgument,
+    UnavailableError,
+)
+from cairn.fuse.operations import Operations
 
 CHUNK = 64 << 20
 
@@ -231,6 +241,9 @@ def test_xattrs(mnt):
     # POSIX ACLs are not supported (tools fall back to the mode bits).
     acl = b"\2\0\0\0\1\0\6\0\377\377\377\377\4\0\4\0\377\377\377\377 \0\4\0\377\377\377\377"
     assert err(os.setxattr, p, "system.posix_acl_access", acl) == errno.EOPNOTSUPP
+    # ...nor file capabilities (the kernel asks for them before every write).
+    assert err(os.getxattr, p, "security.capability") == errno.ENODATA
+    assert err(os.setxattr, p, "security.capability", b"\0" * 20) == errno.EOPNOTSUPP
 
 
 def test_statfs(mnt):
@@ -301,3 +314,49 @@ def test_many_small_files_survive_a_remount(volume, mounts):
     second = mounts(volume, name="second")
     for i in range(200):
         assert (second.path / f"f{i}").read_bytes() == f"content {i}".encode()
+
+
+# -- the error mapping of the handlers, in-process (a VFS that fails on purpose) -----------
+
+
+class _FailingVFS:
+    attr_ttl = 1.0
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def entry_ttl_for(self, attr) -> float:
+        return 1.0
+
+    async def getattr(self, ctx, inode, fh=None):
+        raise self.error
+
+    async def forget(self, inodes) -> None:
+        raise self.error
+
+
+class _Request:
+    uid, gid, pid, umask = 0, 0, 0, 0o022
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (FSError(errno.ENOENT), errno.ENOENT),
+        (FSError(errno.EDQUOT), errno.EDQUOT),
+        (UnavailableError("redis down"), errno.EIO),
+        (DeadlineExceeded("gave up"), errno.EIO),
+        (ConflictError("kept conflicting"), errno.EIO),
+        (InvalidArgument("bad"), errno.EINVAL),
+        (RuntimeError("a bug"), errno.EIO),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
+)
+async def test_handlers_raise_only_fuse_errors(error, expected, caplog):
+    ops = Operations(_FailingVFS(error))
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.getattr(1, _Request())
+    assert info.value.errno == expected
+    if isinstance(error, RuntimeError):
+        assert "Traceback" in caplog.text and "a bug" in caplog.text
+    await ops.forget([(5, 1)])  # no reply to carry an error: it is logged, never raised

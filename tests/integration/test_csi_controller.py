@@ -481,18 +481,18 @@ async def test_shared_volume_lifecycle(plugin, vfs, store, redis):
 
     # every change is an event, in the trace of the call that made it
     envelopes = await recorded(store)
-    story = [e.type for e in envelopes if e.aggregate == "volume" and e.aggregate_id == vid]
-    assert story == ["VolumeRequested", "VolumeProvisioned", "VolumeExpanded", "VolumeDeleted"]
-    traced = [
-        e
-        for e in envelopes
-        if e.aggregate_id in (vid, snap.snapshot_id)
-        and e.type in ("VolumeRequested", "VolumeProvisioned", "SnapshotCreated", "VolumeDeleted")
+    history = [e for e in envelopes if e.aggregate == "volume" and e.aggregate_id == vid]
+    assert [e.type for e in history] == [
+        "VolumeRequested",
+        "VolumeProvisioned",
+        "VolumeExpanded",
+        "SnapshotCreated",  # a volume's snapshots are part of its story
+        "SnapshotDeleted",
+        "VolumeDeleted",
     ]
-    assert len(traced) == 4
+    assert history[3].payload["snapshot_id"] == snap.snapshot_id
+    traced = [e for e in history if e.type != "VolumeExpanded" and e.type != "SnapshotDeleted"]
     assert all(TRACE_ID in e.trace.get("traceparent", "") for e in traced), traced
-    snaps = [e.type for e in envelopes if e.aggregate_id == snap.snapshot_id]
-    assert snaps == ["SnapshotCreated", "SnapshotDeleted"]
     requested = next(e for e in envelopes if e.type == "VolumeRequested" and e.aggregate_id == vid)
     assert requested.payload["pvc"] == "team/data"
 
@@ -739,6 +739,10 @@ async def test_a_secret_password_never_leaks(plugin, secret_volume, store, redis
     assert vol.volume_context["meta"] == "secret"
     assert vol.volume_context["fsName"] == "tenant"
     assert (await ctl.CreateVolume(request)).volume == vol
+    elsewhere = csi_pb2.CreateVolumeRequest()
+    elsewhere.CopyFrom(request)
+    elsewhere.secrets.clear()  # the same name on cairn-meta's own file system: another volume
+    await fails(ctl.CreateVolume(elsewhere), Code.ALREADY_EXISTS)
     # it really is in the tenant's file system
     from cairn.meta.engine import Meta
 
@@ -855,6 +859,7 @@ async def test_a_retry_finishes_what_a_crash_left(plugin, vfs, redis):
         ctl.CreateVolume(create_request("pvc-squatted", volume_content_source=src)),
         Code.FAILED_PRECONDITION,
     )
+    assert await Catalogue(redis).volumes.get(volume_id("pvc-squatted")) is None
     # an empty volume adopts a directory left from before (a pathPattern may point there)
     await write(vfs, "/volumes/pvc-squatted/kept", b"data from before")
     await ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id("pvc-squatted")))
@@ -864,3 +869,26 @@ async def test_a_retry_finishes_what_a_crash_left(plugin, vfs, redis):
         )
     ).volume
     assert await files(vfs, adopted.volume_context["path"]) == {"/kept": b"data from before"}
+
+
+async def test_a_clone_that_does_not_fit_leaves_no_record(plugin, redis, store, monkeypatch):
+    from cairn_meta import controller as controller_module
+
+    ctl, _ = plugin
+    vid = (await ctl.CreateVolume(create_request("pvc-src", required=MiB))).volume.volume_id
+
+    async def full(*args, **kwargs):
+        raise FSError(errno.EDQUOT, "quota of directory 1 exceeded (space)")
+
+    monkeypatch.setattr(controller_module, "clone_tree", full)
+    src = csi_pb2.VolumeContentSource(
+        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=vid)
+    )
+    await fails(
+        ctl.CreateVolume(create_request("pvc-big-clone", volume_content_source=src)),
+        Code.RESOURCE_EXHAUSTED,
+    )
+    failed = volume_id("pvc-big-clone")
+    assert await Catalogue(redis).volumes.get(failed) is None
+    story = [e.type for e in await recorded(store) if e.aggregate_id == failed]
+    assert story == ["VolumeRequested", "ProvisioningFailed"]

@@ -256,24 +256,25 @@ class MountRecovered(Event):
     targets: list = field(default_factory=list)
 
 
-# --- snapshots (aggregate id: the CSI snapshot id) ------------------------------------------
+# --- snapshots: events of their source volume (aggregate id: the source volume's id), so a
+# volume's history shows the snapshots taken of it ------------------------------------------
 
 
 @event
 class SnapshotCreated(Event):
-    """A copy-on-write clone of a volume's directory was taken (no data copied)."""
+    """A copy-on-write clone of the volume's directory was taken (no data copied)."""
 
-    aggregate = "snapshot"
+    aggregate = "volume"
+    snapshot_id: str
     name: str
-    source_volume_id: str
     size_bytes: int
     path: str = ""
 
 
 @event
 class SnapshotDeleted(Event):
-    aggregate = "snapshot"
-    source_volume_id: str = ""
+    aggregate = "volume"
+    snapshot_id: str
 
 
 # --- nodes (aggregate id: the Kubernetes node name) ----------------------------------------

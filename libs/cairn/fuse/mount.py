@@ -428,6 +428,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
         except Exception:
             log.exception("closing the FUSE session failed")
             code = code or 1
+        _log_stats(vfs)
         try:
             await vfs.close()
         except Exception:
@@ -436,6 +437,18 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
         _remove_pid(pidfile)
     log.info("%s unmounted%s", mountpoint, " after a signal" if stopper.signalled else "")
     return code
+
+
+def _log_stats(vfs: Any) -> None:
+    """One line of what the mount did (operation counts, bytes), for the log."""
+    try:
+        snap = vfs.stats_snapshot()
+    except Exception:  # counters are a courtesy: never fail an unmount over them
+        log.debug("no VFS stats", exc_info=True)
+        return
+    ops = " ".join(f"{name}={s['count']}" for name, s in snap["ops"].items())
+    log.info("session totals: read %d bytes, wrote %d bytes; ops: %s",
+             snap["bytes_read"], snap["bytes_written"], ops)  # fmt: skip
 
 
 def _announce_done(task: asyncio.Task) -> None:

@@ -18,6 +18,9 @@ bits against the attributes it caches and `access` is never called (it is implem
 mounts without that option). The VFS checks again where the kernel cannot (sticky
 directories, owners changing modes, the engine's view being newer than the kernel's).
 
+POSIX ACLs and file capabilities are not supported: their xattrs (system.posix_acl_*,
+security.capability) are refused with EOPNOTSUPP rather than stored with no effect.
+
 Not here because pyfuse3 does not expose them: flock/getlk/setlk (the kernel then keeps
 locks local to this mount: they exclude processes of one node, not of two mounts),
 fallocate (EOPNOTSUPP) and copy_file_range (the kernel copies through read and write).
@@ -53,6 +56,10 @@ TOLD_MAX = 200_000
 # applying them to the mode bits to us), so they are refused as unsupported: cp -a, tar
 # and rsync then fall back to chmod, instead of storing an ACL nothing enforces.
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+# File capabilities are not supported either. The kernel asks for this xattr before every
+# write (to clear it, as it clears set-user-ID): answering "none" here saves a metadata
+# round trip per write.
+CAPABILITY_XATTR = b"security.capability"
 
 
 def fuse_errno(error: BaseException) -> int:
@@ -188,9 +195,13 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         return self._entry(await self.vfs.lookup(self._ctx(ctx), parent_inode, name))
 
-    @_handler
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        await self.vfs.forget(list(inode_list))
+        # forget has no reply, so pyfuse3 does not catch even FUSEError here: anything
+        # raised would end the FUSE loop.
+        try:
+            await self.vfs.forget(list(inode_list))
+        except Exception:
+            log.exception("forget of %d inode(s) failed", len(inode_list))
 
     @_handler
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -391,6 +402,8 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if name in ACL_XATTRS:
             raise FUSEError(errno.EOPNOTSUPP)
+        if name == CAPABILITY_XATTR:
+            raise FUSEError(errno.ENODATA)
         return await self.vfs.getxattr(self._ctx(ctx), inode, name)
 
     @_handler
@@ -400,7 +413,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         # pyfuse3 hands XATTR_CREATE / XATTR_REPLACE to getxattr first and drops the flags.
-        if name in ACL_XATTRS:
+        if name in ACL_XATTRS or name == CAPABILITY_XATTR:
             raise FUSEError(errno.EOPNOTSUPP)
         await self.vfs.setxattr(self._ctx(ctx), inode, name, value)
 

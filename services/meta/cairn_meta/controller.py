@@ -306,7 +306,8 @@ class FileSystems:
                 except CairnError as error:
                     if ref == "default":
                         raise
-                    raise type(error)(
+                    cls = UnavailableError if error.temporary else FailedPrecondition
+                    raise cls(
                         "the file system named by the secret 'metaurl': " + _scrub(str(error), url)
                     ) from None
                 self._open[url] = meta
@@ -510,6 +511,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             differ.append(f"capacity ({record.capacity} bytes)")
         if (record.source_kind, record.source_id) != (spec.source_kind, spec.source_id):
             differ.append("content source")
+        if record.kind == "shared" and (record.meta == "secret") != bool(
+            request.secrets.get(SECRET_META_URL)
+        ):
+            differ.append(f"file system ({record.meta})")
         if _own(record.parameters) != _own(spec.parameters):
             differ.append("parameters")
         if record.kind == "local" and request.accessibility_requirements.requisite:
@@ -852,8 +857,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 if src is None:
                     raise FailedPrecondition(f"the directory of volume {source} is gone")
                 await self._snapshot_dir(meta, sid, record.path, src)
-            await self._emit("snapshot", sid, SnapshotCreated(
-                name=request.name, source_volume_id=source, size_bytes=record.size_bytes,
+            await self._emit("volume", source, SnapshotCreated(
+                snapshot_id=sid, name=request.name, size_bytes=record.size_bytes,
                 path=record.path), trace)  # fmt: skip
             record.state = READY
             await self.catalogue.snapshots.put(sid, record)
@@ -897,8 +902,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             await self.catalogue.snapshots.update(sid, lambda r: _with_state(r, DELETING))
             with fs_errors(f"deleting snapshot {record.name}"):
                 await remove_tree(meta, record.path)
-            await self._emit("snapshot", sid, SnapshotDeleted(
-                source_volume_id=record.source_volume_id), trace)  # fmt: skip
+            await self._emit("volume", record.source_volume_id,
+                             SnapshotDeleted(snapshot_id=sid), trace)  # fmt: skip
             await self.catalogue.snapshots.delete(sid)
         log.info("snapshot %s (%s) deleted", sid, record.name)
         return csi_pb2.DeleteSnapshotResponse()
