@@ -1,7 +1,7 @@
 """Housekeeping of one volume: the background work any client may do, in one place.
 
 Expired sessions are cleaned (their locks released, their open-but-unlinked files freed),
-the trash is purged after trash-days, interrupted deletions are finished, slices whose
+the trash is purged after trash-days, interrupted deletions (and clones) are finished, slices whose
 objects are due are deleted from the object store, and fragmented chunks are compacted.
 `cairn gc --delete` runs one pass by hand; cairn-meta runs passes on a timer.
 """
@@ -39,11 +39,13 @@ async def run_pass(meta: Any, store: Any, *, session_timeout: float = 60.0,
     on big volumes, so cairn-meta does it less often than the rest)."""
     from cairn.chunk.compact import compact_all
     from cairn.chunk.gc import gc
+    from cairn.meta.clone import cleanup_detached
 
     done = Pass()
     done.sessions = await meta.clean_expired_sessions(timeout=session_timeout)
     done.trash = await meta.purge_trash(now)
     done.deletions = await meta.cleanup_deleted_files()
+    done.deletions += await cleanup_detached(meta)  # trees of clones whose process died
     if compact:
         done.compacted = len(await compact_all(meta, store))
     if gc_objects:
