@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
-APT_PACKAGES="nats-server redis-server fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc git procps"
+APT_PACKAGES="nats-server redis-server fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc git procps rsync sqlite3"
 
 say() { printf '[cairn-setup] %s\n' "$*" >&2; }
 

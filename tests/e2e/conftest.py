@@ -54,6 +54,16 @@ def mounts(fuse_ready, tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     finally:
         for m in reversed(made):
             stop_mount(m)
+    # A handler that failed unexpectedly answered EIO, which a test may not notice: its
+    # traceback in the mount's log fails the test here.
+    problems = [
+        f"{m.log}: {line}"
+        for m in made
+        for line in m.log_text().splitlines()
+        if " ERROR " in line or "Traceback" in line
+    ]
+    if problems:
+        pytest.fail("mount logs show errors:\n" + "\n".join(problems[:20]))
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_sigkill_while_writing_then_remount_and_fsck(volume, mounts, tmp_path):
     # A dead mount: ENOTCONN until it is unmounted.
     with pytest.raises(OSError) as info:
         os.stat(m.path)
-    assert info.value.errno == errno.ENOTCONN
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # dead, or dying
     assert fusermount("-uz", str(m.path)).returncode == 0
     again = mounts(volume, name="again")
     assert digest(again.path / "synced") == hashlib.sha256(synced).hexdigest()

@@ -117,6 +117,28 @@ def read_pid(mountpoint: str) -> int | None:
     return pid if _alive(pid) else None
 
 
+def find_mount_pid(mountpoint: str) -> int | None:
+    """The PID of the process serving mountpoint: from its PID file, else the live
+    `cairn mount` process whose command line names it (a mount started with another run
+    dir)."""
+    pid = read_pid(mountpoint)
+    if pid is not None:
+        return pid
+    path = os.path.abspath(mountpoint).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if path in argv and b"mount" in argv and any(b"cairn" in a for a in argv[:3]):
+            if _alive(int(entry)):
+                return int(entry)
+    return None
+
+
 def _write_pid(mountpoint: str) -> Path | None:
     path = pid_file(mountpoint)
     try:
@@ -241,6 +263,21 @@ def _last_line(text: str) -> str:
 
 
 # -- serving -------------------------------------------------------------------------------------
+
+
+class _QuietReleaseReplies(logging.Filter):
+    """Drops pyfuse3's error line for a release reply the kernel no longer waits for.
+
+    The kernel sends RELEASE without waiting (close(2) already returned after FLUSH, which
+    committed the writes); when the file system is unmounted meanwhile, the reply finds
+    no request (ENOENT). Nothing is lost and nobody is waiting: it is not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("fuse_release") and "No such file or directory" in message:
+            log.debug("late release reply: %s", message)
+            return False
+        return True
 
 
 def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future:
@@ -381,6 +418,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
     from cairn.fuse.operations import Operations
 
     pyfuse3.asyncio.enable()
+    logging.getLogger("pyfuse3").addFilter(_QuietReleaseReplies())
     mountpoint = prepare_mountpoint(config.mountpoint)
     parent_dev = os.stat(os.path.dirname(mountpoint) or "/").st_dev
     vfs = await open_vfs(config)
@@ -390,7 +428,6 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
             attr_timeout=config.attr_timeout,
             entry_timeout=config.entry_timeout,
             writeback_cache=config.writeback_cache,
-            read_only=config.read_only,
         )
         volume = vfs.meta.fmt.name
         try:
@@ -588,7 +625,7 @@ def unmount(
     """Unmounts mountpoint (fusermount3 -u, -uz when lazy) and waits for its mount process to
     exit; returns the absolute mountpoint and that process's PID when one was known."""
     path = os.path.abspath(mountpoint)
-    pid = read_pid(path)
+    pid = find_mount_pid(path)
     if not is_mounted(path):
         if pid is not None:
             raise FailedPrecondition(f"{path} is not mounted, but its mount process {pid} "

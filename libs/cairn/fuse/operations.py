@@ -41,6 +41,7 @@ from pyfuse3 import FUSEError
 
 from cairn.errors import CairnError, FSError, TemporaryError
 from cairn.meta.types import Attr, Ctx
+from cairn.vfs import to_errno
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ def fuse_errno(error: BaseException) -> int:
     if isinstance(error, TemporaryError):
         return errno.EIO
     if isinstance(error, CairnError):
-        from cairn.vfs import to_errno
-
         return to_errno(error)
     return errno.EIO
 
@@ -119,14 +118,12 @@ class Operations(pyfuse3.Operations):
         attr_timeout: float | None = None,
         entry_timeout: float | None = None,
         writeback_cache: bool = False,
-        read_only: bool = False,
     ) -> None:
         super().__init__()
         self.vfs = vfs
         self.attr_timeout = vfs.attr_ttl if attr_timeout is None else attr_timeout
         self.entry_timeout = entry_timeout
         self.enable_writeback_cache = writeback_cache
-        self.read_only = read_only
         self._groups: dict[int, tuple[tuple[int, ...], float]] = {}
         # (mtime, size) of each regular file as last told to the kernel: what its cached
         # attributes (and pages) reflect. See open().

@@ -1,0 +1,588 @@
+"""The mounts of the node plugin: one `cairn mount` process per shared volume, bind mounts for
+staging (local volumes) and publishing (every volume), and the watcher that brings a dead
+mount back.
+
+A shared volume's mount process is started with `cairn mount --background` at the staging
+path: it returns once the mount answers, and the process it leaves runs in its own session,
+so it outlives a restart of the node plugin. Its PID file goes to the plugin's run directory
+(`CAIRN_RUN_DIR`), its log and block cache to the plugin's data directory, one per volume.
+
+When a mount process dies (OOM kill, crash), the staging path and every bind of it answer
+ENOTCONN. The watcher notices (the PID is gone, or the mount is dead), starts a new process at
+the staging path (`cairn mount` clears the dead mount first), then for each published target
+detaches the stale bind (umount -l: a pod may hold files open in it) and binds the new mount
+again, so the pod's next open works. With mount propagation from the host (kubelet's
+Bidirectional/HostToContainer), the new bind reaches the pod's container too.
+
+Every blocking look at a path (stat on a mount that may hang) runs in a daemon thread with a
+timeout, so a stuck FUSE mount never stalls the plugin's event loop or its exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cairn.errors import (
+    CairnError,
+    ConflictError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    PermanentError,
+    UnavailableError,
+)
+from cairn.events.types import Event, MountRecovered
+from cairn.fuse.mount import mount_slug
+from cairn.telemetry import propagation
+from cairn.telemetry.tracing import tracer
+from cairn_nodeplugin.state import Table, Volume
+
+log = logging.getLogger(__name__)
+
+MOUNTINFO = "/proc/self/mountinfo"
+START_TIMEOUT = 90.0  # `cairn mount --background` waits up to 60 s for the mount to answer
+STOP_TIMEOUT = 30.0  # a mount process gets this long to flush and exit after its unmount
+STAT_TIMEOUT = 3.0
+STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+RETRY_MAX = 30.0  # seconds between repairs of a mount that keeps failing
+SECRET_META_URL = "metaurl"  # the NodeStage secret naming a volume's file system
+# sysexits codes `cairn mount` ends with (cairn.errors.exit_code)
+EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TEMPFAIL = 64, 69, 75
+
+
+# -- the kernel's mount table ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str
+
+
+def mount_table() -> list[MountEntry]:
+    """/proc/self/mountinfo, in mount order (a later entry at a path covers earlier ones)."""
+    entries = []
+    with open(MOUNTINFO, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if " - " not in line or len(fields) < 10:
+                continue
+            sep = fields.index("-")
+            entries.append(MountEntry(
+                mountpoint=_unescape(fields[4]), fstype=fields[sep + 1],
+                source=_unescape(fields[sep + 2]), options=fields[5],
+            ))  # fmt: skip
+    return entries
+
+
+def _unescape(text: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def mounted_at(path: str) -> MountEntry | None:
+    """The topmost mount at `path` (no stat: a dead mount is found without hanging)."""
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == path:
+            found = entry
+    return found
+
+
+def is_mounted(path: str) -> bool:
+    return mounted_at(path) is not None
+
+
+def mounts_below(root: str) -> list[str]:
+    """Mountpoints at or below `root`, deepest first (the order to unmount them in)."""
+    prefix = root.rstrip("/") + "/"
+    points = {e.mountpoint for e in mount_table()
+              if e.mountpoint == root or e.mountpoint.startswith(prefix)}  # fmt: skip
+    return sorted(points, key=lambda p: (-p.count("/"), p))
+
+
+# -- looking at paths without hanging ---------------------------------------------------------
+
+
+async def in_thread(fn: Callable[[], Any], timeout: float = STAT_TIMEOUT) -> Any:
+    """Runs a blocking call in a daemon thread (never joined: a syscall stuck in a dead FUSE
+    mount must not hold the loop or the exit); DeadlineExceeded after `timeout`."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def work() -> None:
+        try:
+            value, error = fn(), None
+        except BaseException as exc:  # handed to the loop
+            value, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop may be gone
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=work, name="cairn-nodeplugin-stat", daemon=True).start()
+    try:
+        return await asyncio.wait_for(future, timeout)
+    except TimeoutError:
+        raise DeadlineExceeded(f"no answer within {timeout:g}s") from None
+
+
+async def path_problem(path: str, timeout: float = STAT_TIMEOUT) -> str:
+    """Why `path` does not answer stat ("" when it does)."""
+    try:
+        await in_thread(lambda: os.stat(path), timeout)
+    except DeadlineExceeded:
+        return f"{path} does not answer (stat hangs)"
+    except OSError as error:
+        if error.errno in STALE_ERRNOS:
+            return f"{path}: the mount is dead ({error.strerror})"
+        return f"{path}: {error.strerror}"
+    return ""
+
+
+async def statvfs(path: str, timeout: float = STAT_TIMEOUT) -> os.statvfs_result:
+    return await in_thread(lambda: os.statvfs(path), timeout)
+
+
+async def realpath(path: str, timeout: float = STAT_TIMEOUT) -> str:
+    return await in_thread(lambda: os.path.realpath(path), timeout)
+
+
+async def make_dir(path: str, mode: int = 0o750) -> None:
+    """Creates `path` (and parents); a dead mount already there is detached first."""
+    try:
+        await in_thread(lambda: os.makedirs(path, mode=mode, exist_ok=True))
+    except OSError as error:
+        if error.errno not in STALE_ERRNOS:
+            raise FailedPrecondition(f"cannot create {path}: {error.strerror}") from None
+        await unmount(path, lazy=True)
+        await in_thread(lambda: os.makedirs(path, mode=mode, exist_ok=True))
+
+
+async def remove_dir(path: str) -> None:
+    """Removes the (empty, unmounted) directory `path`; missing is fine, a non-empty one is
+    left in place (something wrote into it while nothing was mounted there)."""
+    try:
+        await in_thread(lambda: os.rmdir(path))
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        log.warning("leaving %s in place: %s", path, error.strerror)
+
+
+# -- mount and umount -------------------------------------------------------------------------
+
+
+async def run(*argv: str, timeout: float = 60.0, env: dict[str, str] | None = None,
+              ) -> tuple[int, str, str]:  # fmt: skip
+    """Runs a command; (exit code, stdout, stderr). The command is killed after `timeout`."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise DeadlineExceeded(f"{argv[0]} did not finish within {timeout:g}s") from None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
+
+
+async def bind(source: str, target: str, read_only: bool = False) -> None:
+    """Bind-mounts `source` at `target`, then makes that bind read-only if asked (a bind
+    takes the source's flags; read-only needs a second, remount, step)."""
+    code, _, err = await run("mount", "--bind", source, target)
+    if code != 0:
+        raise FailedPrecondition(f"cannot bind {source} at {target}: {last_line(err)}")
+    if not read_only:
+        return
+    code, _, err = await run("mount", "-o", "remount,bind,ro", target)
+    if code != 0:
+        await unmount(target, lazy=True)
+        raise FailedPrecondition(f"cannot make {target} read-only: {last_line(err)}")
+
+
+async def unmount(path: str, lazy: bool = False) -> None:
+    """Unmounts the topmost mount at `path`; a busy one is detached lazily instead (the
+    last open file closes it). Nothing mounted there is fine."""
+    if not is_mounted(path):
+        return
+    code, _, err = await run("umount", *(["-l"] if lazy else []), path)
+    if code == 0 or not is_mounted(path):
+        return
+    if not lazy:
+        log.info("unmounting %s: %s; detaching it lazily", path, last_line(err))
+        return await unmount(path, lazy=True)
+    raise FailedPrecondition(f"cannot unmount {path}: {last_line(err)}")
+
+
+async def unmount_all(path: str) -> None:
+    """Unmounts every mount stacked at `path` (a bind made twice stacks)."""
+    for _ in range(16):
+        if not is_mounted(path):
+            return
+        await unmount(path)
+    raise FailedPrecondition(f"{path} stays mounted")
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not reaped, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+async def wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def terminate(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM (a mount process flushes and unmounts), then SIGKILL after `timeout`."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if not alive(pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        if await wait_exit(pid, wait):
+            return
+    log.error("mount process %d does not exit", pid)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` with `url`'s password taken out (errors about a file system named by secrets)."""
+    password = urlsplit(url).password if url else None
+    return text.replace(password, "***") if password else text
+
+
+class MountProcesses:
+    """Starts and stops the `cairn mount` processes of shared volumes."""
+
+    def __init__(self, data_dir: Path, cache_size: str = "1G"):
+        self.logs = data_dir / "mounts"
+        self.caches = data_dir / "cache"
+        self.run_dir = data_dir / "run"
+        self.cache_size = cache_size
+
+    def log_path(self, volume_id: str) -> Path:
+        return self.logs / f"{volume_id}.log"
+
+    def pid_of(self, staging: str) -> int | None:
+        """The live mount process serving `staging`, from its PID file."""
+        try:
+            pid = int((self.run_dir / f"{mount_slug(staging)}.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if alive(pid) else None
+
+    async def start(self, volume_id: str, meta_url: str, subdir: str, staging: str,
+                    read_only: bool = False) -> int:  # fmt: skip
+        """Mounts directory `subdir` of the file system at `staging`; the process's PID.
+
+        `cairn mount` clears a dead mount left at `staging` by a killed process first."""
+        for d in (self.logs, self.caches, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        argv = [sys.executable, "-m", "cairn.cli.main", "mount", meta_url, staging,
+                "--subdir", subdir, "--background", "--allow-other",
+                "--log", str(self.log_path(volume_id)),
+                "--cache-dir", str(self.caches / volume_id), "--cache-size", self.cache_size]  # fmt: skip
+        if read_only:
+            argv.append("--read-only")
+        env = {**os.environ, "CAIRN_RUN_DIR": str(self.run_dir)}
+        code, out, err = await run(*argv, timeout=START_TIMEOUT, env=env)
+        if code != 0:
+            raise _start_error(code, scrub(last_line(err or out), meta_url), volume_id)
+        pid = self.pid_of(staging) or _pid_from(out)
+        if pid is None:
+            raise UnavailableError(f"the mount of {volume_id} started but left no PID")
+        log.info("volume %s mounted at %s by process %d", volume_id, staging, pid)
+        return pid
+
+    async def stop(self, staging: str, pid: int, timeout: float = STOP_TIMEOUT) -> None:
+        """Unmounts `staging` and waits for its process to flush and exit (SIGTERM, then
+        SIGKILL, when it does not)."""
+        entry = mounted_at(staging)
+        if entry is not None:
+            dead = bool(await path_problem(staging))
+            await unmount(staging, lazy=dead)
+        if pid and not await wait_exit(pid, timeout):
+            log.warning("mount process %d still runs %gs after its unmount", pid, timeout)
+            await terminate(pid)
+
+    @staticmethod
+    def url_of(pid: int) -> str:
+        """The META_URL a live `cairn mount` process was started with ("" if none)."""
+        argv = cmdline(pid)
+        with contextlib.suppress(ValueError, IndexError):
+            return argv[argv.index("mount") + 1]
+        return ""
+
+
+def _pid_from(output: str) -> int | None:
+    match = re.search(r"\(pid (\d+)", output)
+    return int(match.group(1)) if match else None
+
+
+def _start_error(code: int, message: str, volume_id: str) -> CairnError:
+    text = f"cannot mount volume {volume_id}: {message}"
+    if code == EXIT_USAGE:
+        return FailedPrecondition(text)
+    if code in (EXIT_UNAVAILABLE, EXIT_TEMPFAIL):
+        return UnavailableError(text)
+    return PermanentError(text)
+
+
+# -- keeping volumes mounted ------------------------------------------------------------------------
+
+
+def make_local_dir(path: str, mode: int = 0o777) -> None:
+    """A local volume's directory (pods run as any user: the volume is theirs alone)."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if os.path.islink(path) or not os.path.isdir(path):
+            raise FailedPrecondition(f"{path} exists and is not a directory") from None
+        return
+    os.chmod(path, mode)  # not narrowed by the umask
+
+
+class Keeper:
+    """Keeps the staged volumes of the table mounted: the mount process and binds of each,
+    their health, their repair, and the one-at-a-time lock per volume that the CSI calls
+    share with the repairs."""
+
+    def __init__(self, table: Table, processes: MountProcesses, events: Any, node_id: str,
+                 meta_url: str | None = None):  # fmt: skip
+        self.table = table
+        self.processes = processes
+        self.events = events
+        self.node_id = node_id
+        self.meta_url = meta_url
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- locks and events -----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, vid: str) -> AsyncIterator[None]:
+        """One operation at a time per volume (kubelet's calls and the watcher's repairs)."""
+        lock = self._locks.setdefault(vid, asyncio.Lock())
+        async with lock:
+            yield
+
+    def busy(self, vid: str) -> bool:
+        lock = self._locks.get(vid)
+        return lock is not None and lock.locked()
+
+    async def emit(self, vid: str, event: Event, trace: dict) -> None:
+        """Appends one event to the volume's history; a bus outage only delays it (outbox),
+        and an event that cannot be written never fails the mount it reports."""
+        for _ in range(5):
+            try:
+                await self.events.append("volume", vid, [event], trace=trace)
+                return
+            except ConflictError:
+                continue  # another service appended to the volume meanwhile
+            except CairnError as error:
+                log.warning("could not record %s of volume %s: %s", event.type_name(), vid, error)
+                return
+        log.warning("could not record %s of volume %s: its events keep changing",
+                    event.type_name(), vid)  # fmt: skip
+
+    # -- mounting ------------------------------------------------------------------------------
+
+    async def mount_process(self, volume: Volume) -> int:
+        """Starts the volume's mount process at its staging path, or adopts the live one
+        already serving it (a process whose record was lost)."""
+        staging = volume.staging_path
+        running = self.processes.pid_of(staging)
+        if running and is_mounted(staging) and not await path_problem(staging):
+            log.info("volume %s: adopting mount process %d at %s", volume.volume_id, running,
+                     staging)  # fmt: skip
+            return running
+        if running:
+            await terminate(running)
+        if is_mounted(staging):
+            await unmount(staging, lazy=True)  # a dead mount: detach it
+        return await self.processes.start(volume.volume_id, volume.meta_url, volume.source,
+                                          staging, volume.read_only)  # fmt: skip
+
+    async def bind_local(self, volume: Volume) -> None:
+        """A local volume's directory, made if missing, bound at its staging path."""
+        await in_thread(lambda: make_local_dir(volume.source))
+        await make_dir(volume.staging_path)
+        await unmount_all(volume.staging_path)
+        await bind(volume.source, volume.staging_path, volume.read_only)
+
+    async def bind_target(self, volume: Volume, path: str, read_only: bool) -> None:
+        await make_dir(path)
+        await unmount_all(path)  # a stale bind of a dead mount
+        await bind(volume.staging_path, path, read_only or volume.read_only)
+
+    # -- health --------------------------------------------------------------------------------
+
+    async def problem(self, volume: Volume, path: str | None = None) -> str:
+        """Why the volume is not usable at its staging path (and at `path`); "" if it is."""
+        if volume.kind == "shared" and not alive(volume.pid):
+            return f"mount process {volume.pid} of volume {volume.volume_id} is not running"
+        for where in dict.fromkeys((volume.staging_path, path or volume.staging_path)):
+            if not is_mounted(where):
+                return f"{where} is not mounted"
+            found = await path_problem(where)
+            if found:
+                return found
+        return ""
+
+    async def broken_targets(self, volume: Volume) -> list[str]:
+        """The targets of `volume` whose bind is gone or dead."""
+        return [path for path in list(volume.targets)
+                if not is_mounted(path) or await path_problem(path)]  # fmt: skip
+
+    def unrepaired(self) -> list[Volume]:
+        """Volumes the watcher tried and failed to repair."""
+        return [v for v in self.table if v.problem and v.failures]
+
+    # -- repair --------------------------------------------------------------------------------
+
+    async def check(self, volume: Volume) -> None:
+        """One look of the watcher at a volume: repairs a dead mount or a lost bind."""
+        if self.busy(volume.volume_id) or time.monotonic() < volume.retry_at:
+            return
+        problem = await self.problem(volume)
+        broken = [] if problem else await self.broken_targets(volume)
+        if not problem and not broken:
+            if volume.problem:
+                log.info("volume %s is healthy again", volume.volume_id)
+            volume.problem, volume.failures = "", 0
+            return
+        with tracer(__name__).start_as_current_span("cairn.nodeplugin.recover") as span:
+            span.set_attribute("cairn.volume_id", volume.volume_id)
+            async with self.exclusive(volume.volume_id):
+                if self.table.get(volume.volume_id) is not volume:
+                    return  # unstaged meanwhile
+                try:
+                    await self.recover(volume, {}, propagation.inject())
+                except CairnError as error:
+                    volume.problem = str(error)
+                    volume.failures += 1
+                    delay = min(RETRY_MAX, 0.5 * 2**volume.failures)
+                    volume.retry_at = time.monotonic() + delay
+                    log.warning("volume %s: repair failed (%s); next try in %.0fs",
+                                volume.volume_id, error, delay)  # fmt: skip
+
+    async def recover(self, volume: Volume, secrets: Mapping[str, str], trace: dict) -> None:
+        """Brings a staged volume back: a new mount process (shared) or bind (local) at the
+        staging path when that is dead or gone, then every target that needs it bound
+        again. Appends MountRecovered when anything was repaired."""
+        reason = await self.problem(volume)
+        old_pid = volume.pid
+        if reason:
+            log.warning("volume %s: %s: restoring its mount", volume.volume_id, reason)
+            if volume.kind == "shared":
+                volume.meta_url = secrets.get(SECRET_META_URL) or volume.meta_url or (
+                    self._known_url(volume))  # fmt: skip
+                if alive(volume.pid):
+                    await terminate(volume.pid)  # its mount is dead: the process is stuck
+                await make_dir(volume.staging_path)
+                volume.pid = await self.mount_process(volume)
+            else:
+                await self.bind_local(volume)
+            self.table.save()
+        broken = set(volume.targets) if reason else set(await self.broken_targets(volume))
+        rebound = []
+        for target in list(volume.targets.values()):
+            if target.path in broken:
+                await self.bind_target(volume, target.path, target.read_only)
+                rebound.append(target.path)
+        volume.problem, volume.failures, volume.retry_at = "", 0, 0.0
+        if not reason and not rebound:
+            return
+        log.info("volume %s repaired (mount process %d -> %d, %d targets bound again)",
+                 volume.volume_id, old_pid, volume.pid, len(rebound))  # fmt: skip
+        await self.emit(volume.volume_id, MountRecovered(
+            node=self.node_id, staging_path=volume.staging_path, old_pid=old_pid,
+            new_pid=volume.pid, targets=rebound), trace)  # fmt: skip
+
+    def _known_url(self, volume: Volume) -> str:
+        if volume.meta == "default" and self.meta_url:
+            return self.meta_url
+        raise FailedPrecondition(
+            f"volume {volume.volume_id} lives on a file system named by secrets, which this "
+            "plugin no longer knows: it is repaired when kubelet stages it again"
+        )
+
+    def restore(self) -> None:
+        """Loads the table after a restart of the plugin; the watcher then repairs what died
+        while it was away."""
+        self.table.load()
+        for volume in self.table:
+            if volume.kind != "shared":
+                continue
+            if not alive(volume.pid):
+                volume.pid = self.processes.pid_of(volume.staging_path) or volume.pid
+            if volume.meta == "secret" and alive(volume.pid):
+                volume.meta_url = self.processes.url_of(volume.pid)
+        if len(self.table):
+            log.info("serving %d staged volumes again: %s", len(self.table),
+                     ", ".join(v.volume_id for v in self.table))  # fmt: skip
+
+    async def watch(self, interval: float) -> None:
+        """The watcher: looks at every staged volume each `interval` seconds."""
+        while True:
+            await asyncio.sleep(interval)
+            for volume in self.table:
+                try:
+                    await self.check(volume)
+                except Exception:  # the watcher must keep watching
+                    log.exception("checking volume %s failed", volume.volume_id)

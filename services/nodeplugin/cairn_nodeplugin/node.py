@@ -1,0 +1,788 @@
+"""The CSI Node service of cairn-nodeplugin: stage, publish, unpublish, unstage, stats, expand.
+
+- NodeStageVolume makes the volume available at kubelet's staging path, once per node: a
+  shared volume (a directory of a Cairn file system, `path` in the volume_context) gets one
+  `cairn mount --subdir <path>` process mounted there; a local volume (`type: local`) gets
+  its directory under this node's local root created and bind-mounted there.
+- NodePublishVolume bind-mounts the staging path at the pod's target path (read-only for a
+  readonly request or a reader-only access mode); NodeUnpublishVolume undoes that and removes
+  the target directory; NodeUnstageVolume stops the mount process once no target uses it.
+- NodeGetVolumeStats answers from statvfs on the volume, which a Cairn mount answers from
+  the directory's quota (bytes and inodes), and reports the volume abnormal while its mount
+  is dead; NodeExpandVolume has nothing to do (the quota grew in the controller).
+
+Every handler validates, looks at what is already done (the table in state.py and the
+kernel's mounts), does the rest and answers, so a repeated call succeeds without doing the
+work twice, and answers the spec's codes. Calls on one volume run one at a time (a lock per
+volume), also against the watcher that restarts dead mounts. Staging and target paths must
+lie below kubelet's directory after resolving symlinks; a local volume's directory must lie
+directly under the local root, and a shared volume's path must be a plain absolute path of
+real directories (no '..', no symlinks), so no request reaches outside the volume.
+
+The file system of a shared volume is this plugin's --meta-url, or the one the NodeStage
+secrets name (`metaurl`) when the volume_context says `meta: secret`; that URL carries a
+password, so it is never logged, stored on disk or put in an event. Each change is an event
+(VolumeStaged, VolumePublished, VolumeUnpublished, VolumeUnstaged, MountRecovered) on the
+volume's aggregate, carrying the trace of the CSI call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cairn.config import redact
+from cairn.errors import (
+    AlreadyExists,
+    CairnError,
+    ConfigError,
+    ConflictError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FSError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    UnavailableError,
+)
+from cairn.events.types import (
+    Event,
+    MountRecovered,
+    NodeCapacityReported,
+    VolumePublished,
+    VolumeStaged,
+    VolumeUnpublished,
+    VolumeUnstaged,
+)
+from cairn.rpc.gen import csi_pb2, csi_pb2_grpc
+from cairn.rpc.status import handle_servicer_errors
+from cairn.telemetry import propagation
+from cairn.telemetry.tracing import tracer
+from cairn_nodeplugin import mounts
+from cairn_nodeplugin.state import Table, Target, Volume
+
+log = logging.getLogger(__name__)
+
+TOPOLOGY_KEY = "topology.csi.cairn.io/node"  # the controller places local volumes by it
+SECRET_META_URL = "metaurl"
+META_SCHEMES = ("redis", "rediss", "unix")
+FS_TYPES = frozenset({"", "fuse", "cairn", "fuse.cairn"})
+VOLUME_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+LOCAL_MODE = 0o777  # pods run as any user; the volume is theirs alone
+RETRY_MAX = 30.0  # seconds between recovery attempts of a mount that keeps failing
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
+RPC = csi_pb2.NodeServiceCapability.RPC
+CAPABILITIES = tuple(
+    csi_pb2.NodeServiceCapability(rpc=RPC(type=t))
+    for t in (RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS, RPC.EXPAND_VOLUME,
+              RPC.VOLUME_CONDITION, RPC.SINGLE_NODE_MULTI_WRITER)
+)  # fmt: skip
+Usage = csi_pb2.VolumeUsage
+
+
+@dataclass
+class NodeConfig:
+    node_id: str
+    kubelet_dir: str  # resolved (realpath)
+    local_root: str  # resolved; local volumes' directories go directly below it
+    meta_url: str | None = None
+    max_volumes: int = 0
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+def check_volume_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("volume_id is required")
+    if not VOLUME_ID.fullmatch(value):
+        raise InvalidArgument(
+            f"volume_id {value[:64]!r} is not a volume id (letters, digits, '.', '_', '-')"
+        )
+    return value
+
+
+def check_capability(request: Any) -> Any:
+    """The request's volume capability, checked: a file system mount with an access mode."""
+    if not request.HasField("volume_capability"):
+        raise InvalidArgument("volume_capability is required")
+    cap = request.volume_capability
+    if cap.HasField("block"):
+        raise InvalidArgument("Cairn volumes are file systems: block access is not supported")
+    if not cap.HasField("mount"):
+        raise InvalidArgument("volume_capability needs an access type (mount)")
+    if cap.access_mode.mode == Mode.UNKNOWN:
+        raise InvalidArgument("volume_capability needs an access mode")
+    if cap.mount.fs_type not in FS_TYPES:
+        raise InvalidArgument(f"fs_type {cap.mount.fs_type!r}: Cairn volumes are fuse.cairn")
+    return cap
+
+
+def fingerprint(cap: Any) -> str:
+    """A short digest of a capability, to tell a repeated call from a different one."""
+    return hashlib.sha256(cap.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def check_shared_path(value: str) -> str:
+    """A shared volume's directory: absolute, normalised, below the file system's root."""
+    if not value:
+        raise InvalidArgument("volume_context has no path: not a volume CreateVolume made")
+    parts = value.split("/")
+    if (not value.startswith("/") or value == "/" or posixpath.normpath(value) != value
+            or any(p in ("", ".", "..") for p in parts[1:])):  # fmt: skip
+        raise InvalidArgument(f"volume_context path {value!r} is not a plain absolute path")
+    return value
+
+
+def meta_problem(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in META_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
+        return f"{redact(url) if parts.password is None else '(a URL)'} is not redis://host:port"
+    return ""
+
+
+async def find_dir(meta: Any, path: str) -> int:
+    """The inode of directory `path`, walked one real directory at a time (a symlink on the
+    way is not followed: it could point out of the volume)."""
+    from cairn.meta.engine import ROOT_CTX
+
+    ino = 1
+    for part in path.strip("/").split("/"):
+        try:
+            ino, attr = await meta.lookup(ROOT_CTX, ino, part.encode())
+        except FSError as error:
+            if error.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise NotFound(f"volume directory {path} does not exist") from None
+            raise
+        if not attr.is_dir():
+            raise NotFound(f"{path}: {part} is not a directory")
+    return ino
+
+
+class FileSystems:
+    """Metadata clients of the file systems shared volumes live in, one per URL, kept."""
+
+    def __init__(self):
+        self._metas: dict[str, Any] = {}
+        self._pings: dict[str, Any] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, url: str) -> Any:
+        from cairn.meta.engine import Meta
+
+        async with self._lock:
+            meta = self._metas.get(url)
+            if meta is None:
+                try:
+                    meta = await Meta.open(url)
+                except ConfigError as error:  # reachable, but no Cairn file system there
+                    raise FailedPrecondition(mounts.scrub(str(error), url)) from None
+                except CairnError as error:
+                    raise UnavailableError(mounts.scrub(str(error), url)) from None
+                self._metas[url] = meta
+        return meta
+
+    async def ping(self, url: str) -> None:
+        """UnavailableError (one line, no password) unless the Redis at `url` answers."""
+        from cairn.connect import ping_redis
+        from cairn.connect import redis as connect_redis
+
+        client = self._pings.get(url)
+        if client is None:
+            client = await connect_redis(url, timeout=2.0)
+            self._pings[url] = client
+        await ping_redis(client, url)
+
+    async def close(self) -> None:
+        metas, self._metas = list(self._metas.values()), {}
+        pings, self._pings = list(self._pings.values()), {}
+        for meta in metas:
+            with contextlib.suppress(Exception):
+                await meta.close()
+        for client in pings:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+@handle_servicer_errors
+class NodeService(csi_pb2_grpc.NodeServicer):
+    """CSI Node: see the module docstring."""
+
+    def __init__(self, cfg: NodeConfig, table: Table, processes: mounts.MountProcesses,
+                 events: Any, filesystems: FileSystems | None = None):  # fmt: skip
+        self.cfg = cfg
+        self.table = table
+        self.processes = processes
+        self.events = events
+        self.fs = filesystems or FileSystems()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- identity and capabilities ----------------------------------------------------------
+
+    async def NodeGetInfo(self, request, context):
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.cfg.node_id,
+            max_volumes_per_node=self.cfg.max_volumes,
+            accessible_topology=csi_pb2.Topology(segments={TOPOLOGY_KEY: self.cfg.node_id}),
+        )
+
+    async def NodeGetCapabilities(self, request, context):
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=CAPABILITIES)
+
+    # -- stage -------------------------------------------------------------------------------
+
+    async def NodeStageVolume(self, request, context):
+        vid = check_volume_id(request.volume_id)
+        staging = await self._kubelet_path(request.staging_target_path, "staging_target_path")
+        cap = check_capability(request)
+        trace = propagation.inject()
+        async with self._exclusive(vid):
+            volume = self.table.get(vid)
+            if volume is not None:
+                self._check_restage(volume, staging, cap)
+                if await self._problem(volume):
+                    await self._recover(volume, dict(request.secrets), trace)
+                return csi_pb2.NodeStageVolumeResponse()
+            other = self.table.at_staging(staging)
+            if other is not None:
+                raise AlreadyExists(f"{staging} is where volume {other.volume_id} is staged")
+            if self.cfg.max_volumes and len(self.table) >= self.cfg.max_volumes:
+                raise ResourceExhausted(f"node {self.cfg.node_id} has its "
+                                        f"{self.cfg.max_volumes} volumes")  # fmt: skip
+            context_ = dict(request.volume_context)
+            kind = context_.get("type", "shared")
+            if kind == "shared":
+                volume = await self._stage_shared(vid, staging, cap, context_, request.secrets)
+            elif kind == "local":
+                volume = await self._stage_local(vid, staging, cap, context_)
+            else:
+                raise InvalidArgument(f"volume_context type {kind!r} is not shared or local")
+        log.info("volume %s staged at %s", vid, staging)
+        await self._emit(vid, VolumeStaged(node=self.cfg.node_id, staging_path=staging,
+                                           mount_pid=volume.pid), trace)  # fmt: skip
+        return csi_pb2.NodeStageVolumeResponse()
+
+    @staticmethod
+    def _check_restage(volume: Volume, staging: str, cap: Any) -> None:
+        if volume.staging_path != staging:
+            raise FailedPrecondition(
+                f"volume {volume.volume_id} is already staged at {volume.staging_path}"
+            )
+        if volume.capability != fingerprint(cap):
+            raise AlreadyExists(
+                f"volume {volume.volume_id} is staged at {staging} with another capability"
+            )
+
+    def _meta_url(self, context: Mapping[str, str], secrets: Mapping[str, str]) -> tuple[str, str]:
+        """(META_URL, "default" | "secret") of a shared volume's file system."""
+        secret = secrets.get(SECRET_META_URL, "")
+        if context.get("meta") == "secret" or secret:
+            if not secret:
+                raise FailedPrecondition(
+                    "the volume lives on a file system named by secrets: NodeStage needs "
+                    f"them ({SECRET_META_URL!r}, the StorageClass's node-stage secret)"
+                )
+            url, ref = secret, "secret"
+        else:
+            if not self.cfg.meta_url:
+                raise FailedPrecondition(
+                    "no file system for shared volumes: start cairn-nodeplugin with --meta-url "
+                    f"or give the {SECRET_META_URL!r} secret"
+                )
+            url, ref = self.cfg.meta_url, "default"
+        problem = meta_problem(url)
+        if problem:
+            raise InvalidArgument(f"the file system URL of the volume: {problem}")
+        return url, ref
+
+    async def _stage_shared(self, vid: str, staging: str, cap: Any, context: dict[str, str],
+                            secrets: Mapping[str, str]) -> Volume:  # fmt: skip
+        url, ref = self._meta_url(context, secrets)
+        path = check_shared_path(context.get("path", ""))
+        meta = await self.fs.get(url)
+        wanted = context.get("fsUUID")
+        if wanted and meta.fmt.uuid != wanted:
+            raise FailedPrecondition(f"volume {vid} lives on file system {wanted}, and the one "
+                                     f"configured here is {meta.fmt.uuid}")  # fmt: skip
+        await find_dir(meta, path)
+        volume = Volume(
+            volume_id=vid, kind="shared", staging_path=staging, source=path,
+            access_mode=cap.access_mode.mode, capability=fingerprint(cap),
+            read_only=cap.access_mode.mode in READ_ONLY_MODES, meta=ref, fs_uuid=meta.fmt.uuid,
+            log=str(self.processes.log_path(vid)), staged_at=time.time(), meta_url=url,
+        )  # fmt: skip
+        self.table.put(volume)  # recorded first: a crash from here on is finished by a retry
+        try:
+            await mounts.make_dir(staging)
+            volume.pid = await self._mount_process(volume)
+        except BaseException:
+            self.table.remove(vid)
+            raise
+        self.table.save()
+        return volume
+
+    async def _mount_process(self, volume: Volume) -> int:
+        """Starts the volume's mount process at its staging path, or adopts the live one
+        already serving it (a process whose record was lost)."""
+        staging = volume.staging_path
+        running = self.processes.pid_of(staging)
+        if running and mounts.is_mounted(staging) and not await mounts.path_problem(staging):
+            log.info("volume %s: adopting mount process %d at %s", volume.volume_id, running,
+                     staging)  # fmt: skip
+            return running
+        if running:
+            await mounts.terminate(running)
+        if mounts.is_mounted(staging):
+            await mounts.unmount(staging, lazy=True)  # dead, or not ours: detach it
+        return await self.processes.start(volume.volume_id, volume.meta_url, volume.source,
+                                          staging, volume.read_only)  # fmt: skip
+
+    async def _stage_local(self, vid: str, staging: str, cap: Any,
+                           context: dict[str, str]) -> Volume:  # fmt: skip
+        node = context.get("node", "")
+        if node and node != self.cfg.node_id:
+            raise NotFound(f"local volume {vid} lives on node {node}, not {self.cfg.node_id}")
+        path = await self._local_path(context.get("path", ""))
+        volume = Volume(
+            volume_id=vid, kind="local", staging_path=staging, source=path,
+            access_mode=cap.access_mode.mode, capability=fingerprint(cap),
+            read_only=cap.access_mode.mode in READ_ONLY_MODES, staged_at=time.time(),
+        )  # fmt: skip
+        self.table.put(volume)
+        try:
+            await mounts.in_thread(lambda: _make_local_dir(path))
+            await mounts.make_dir(staging)
+            await mounts.unmount_all(staging)
+            await mounts.bind(path, staging, volume.read_only)
+        except BaseException:
+            self.table.remove(vid)
+            raise
+        return volume
+
+    async def _local_path(self, value: str) -> str:
+        """A local volume's directory, which must be directly below the local root."""
+        if not value or not value.startswith("/"):
+            raise InvalidArgument("volume_context of a local volume needs an absolute path")
+        real = await mounts.realpath(value)
+        if posixpath.dirname(real) != self.cfg.local_root or posixpath.basename(real) in ("",
+                                                                                         ".."):
+            raise InvalidArgument(
+                f"local volume path {value} is not a directory of this node's local root "
+                f"{self.cfg.local_root}"
+            )
+        return real
+
+    # -- publish -------------------------------------------------------------------------------
+
+    async def NodePublishVolume(self, request, context):
+        vid = check_volume_id(request.volume_id)
+        staging = await self._kubelet_path(request.staging_target_path, "staging_target_path")
+        target = await self._kubelet_path(request.target_path, "target_path")
+        cap = check_capability(request)
+        if target == staging:
+            raise InvalidArgument("target_path and staging_target_path are the same")
+        read_only = request.readonly or cap.access_mode.mode in READ_ONLY_MODES
+        trace = propagation.inject()
+        async with self._exclusive(vid):
+            volume = self.table.get(vid)
+            if volume is None:
+                raise NotFound(f"volume {vid} is not staged on node {self.cfg.node_id}")
+            if volume.staging_path != staging:
+                raise FailedPrecondition(f"volume {vid} is staged at {volume.staging_path}, "
+                                         f"not {staging}")  # fmt: skip
+            wanted = Target(path=target, read_only=read_only, capability=fingerprint(cap))
+            existing = volume.targets.get(target)
+            if existing is not None:
+                if existing != wanted:
+                    raise AlreadyExists(f"volume {vid} is published at {target} with other "
+                                        "arguments (readonly or capability)")  # fmt: skip
+                if mounts.is_mounted(target) and not await mounts.path_problem(target):
+                    return csi_pb2.NodePublishVolumeResponse()
+            else:
+                self._check_new_target(volume, target, cap)
+                volume.targets[target] = wanted
+                self.table.save()
+            await self._bind_target(volume, wanted)
+        log.info("volume %s published at %s%s", vid, target, " (read-only)" if read_only else "")
+        if existing is None:
+            await self._emit(vid, VolumePublished(node=self.cfg.node_id, target_path=target,
+                                                  read_only=read_only), trace)  # fmt: skip
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _check_new_target(self, volume: Volume, target: str, cap: Any) -> None:
+        owner = self.table.owner_of_target(target)
+        if owner is not None:
+            raise AlreadyExists(f"{target} is where volume {owner.volume_id} is published")
+        single = Mode.SINGLE_NODE_SINGLE_WRITER
+        if volume.targets and single in (cap.access_mode.mode, volume.access_mode):
+            raise FailedPrecondition(
+                f"volume {volume.volume_id} is SINGLE_NODE_SINGLE_WRITER and already "
+                f"published at {next(iter(volume.targets))}"
+            )
+
+    async def _bind_target(self, volume: Volume, target: Target) -> None:
+        try:
+            await mounts.make_dir(target.path)
+            await mounts.unmount_all(target.path)  # a stale bind of a dead mount
+            await mounts.bind(volume.staging_path, target.path,
+                              target.read_only or volume.read_only)  # fmt: skip
+        except BaseException:
+            # Not published after all: forget it so a retry starts clean.
+            volume.targets.pop(target.path, None)
+            self.table.save()
+            raise
+
+    async def NodeUnpublishVolume(self, request, context):
+        vid = check_volume_id(request.volume_id)
+        target = await self._kubelet_path(request.target_path, "target_path")
+        trace = propagation.inject()
+        async with self._exclusive(vid):
+            volume = self.table.get(vid)
+            known = volume is not None and target in volume.targets
+            if not known:
+                owner = self.table.owner_of_target(target)
+                if owner is not None:
+                    raise NotFound(f"{target} is where volume {owner.volume_id} is published, "
+                                   f"not {vid}")  # fmt: skip
+            await mounts.unmount_all(target)
+            await mounts.remove_dir(target)
+            if known:
+                del volume.targets[target]
+                self.table.save()
+        if known:
+            log.info("volume %s unpublished from %s", vid, target)
+            await self._emit(vid, VolumeUnpublished(node=self.cfg.node_id, target_path=target),
+                             trace)  # fmt: skip
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # -- unstage -----------------------------------------------------------------------------
+
+    async def NodeUnstageVolume(self, request, context):
+        vid = check_volume_id(request.volume_id)
+        staging = await self._kubelet_path(request.staging_target_path, "staging_target_path")
+        trace = propagation.inject()
+        async with self._exclusive(vid):
+            volume = self.table.get(vid)
+            if volume is None or volume.staging_path != staging:
+                await self._clear_unknown_staging(vid, staging)
+                return csi_pb2.NodeUnstageVolumeResponse()
+            if volume.targets:
+                raise FailedPrecondition(f"volume {vid} is still published at "
+                                         f"{', '.join(sorted(volume.targets))}")  # fmt: skip
+            if volume.kind == "shared":
+                await self.processes.stop(staging, volume.pid)
+            await mounts.unmount_all(staging)
+            self.table.remove(vid)
+        log.info("volume %s unstaged from %s", vid, staging)
+        await self._emit(vid, VolumeUnstaged(node=self.cfg.node_id, staging_path=staging), trace)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    async def _clear_unknown_staging(self, vid: str, staging: str) -> None:
+        """Unstage of a volume not staged there: done already, unless something is left."""
+        other = self.table.at_staging(staging)
+        if other is not None:
+            raise NotFound(f"{staging} is where volume {other.volume_id} is staged, not {vid}")
+        pid = self.processes.pid_of(staging)
+        if pid:
+            await self.processes.stop(staging, pid)
+        await mounts.unmount_all(staging)
+
+    # -- stats and expansion ----------------------------------------------------------------
+
+    async def NodeGetVolumeStats(self, request, context):
+        vid = check_volume_id(request.volume_id)
+        volume, path = await self._volume_at(vid, request.volume_path)
+        problem = await self._problem(volume, path)
+        usage = []
+        if not problem:
+            try:
+                st = await mounts.statvfs(path)
+                usage = _usage(st)
+            except (OSError, DeadlineExceeded) as error:
+                problem = f"{path}: {getattr(error, 'strerror', None) or error}"
+        message = problem or _healthy_message(volume)
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=usage,
+            volume_condition=csi_pb2.VolumeCondition(abnormal=bool(problem), message=message),
+        )
+
+    async def NodeExpandVolume(self, request, context):
+        vid = check_volume_id(request.volume_id)
+        if request.HasField("volume_capability"):
+            check_capability(request)
+        volume, path = await self._volume_at(vid, request.volume_path)
+        wanted = request.capacity_range.required_bytes or request.capacity_range.limit_bytes
+        size = wanted
+        if volume.kind == "shared" and not await self._problem(volume, path):
+            # The quota grew in the controller; the mount answers statvfs from it.
+            with contextlib.suppress(OSError, DeadlineExceeded):
+                st = await mounts.statvfs(path)
+                size = max(wanted, st.f_blocks * st.f_frsize)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    async def _volume_at(self, vid: str, volume_path: str) -> tuple[Volume, str]:
+        """The staged volume and the (resolved) path of it a stats or expand call names."""
+        if not volume_path:
+            raise InvalidArgument("volume_path is required")
+        volume = self.table.get(vid)
+        if volume is None:
+            raise NotFound(f"volume {vid} is not staged on node {self.cfg.node_id}")
+        path = await mounts.realpath(volume_path) if volume_path.startswith("/") else ""
+        if path != volume.staging_path and path not in volume.targets:
+            raise NotFound(f"{volume_path} is not where volume {vid} is staged or published")
+        return volume, path
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def _problem(self, volume: Volume, path: str | None = None) -> str:
+        """Why the volume is not usable at its staging path (or at `path`); "" when it is."""
+        if volume.kind == "shared" and not mounts.alive(volume.pid):
+            return f"mount process {volume.pid} of volume {volume.volume_id} is not running"
+        for where in dict.fromkeys((volume.staging_path, path or volume.staging_path)):
+            if not mounts.is_mounted(where):
+                return f"{where} is not mounted"
+            problem = await mounts.path_problem(where)
+            if problem:
+                return problem
+        return ""
+
+    async def target_problems(self, volume: Volume) -> list[str]:
+        """The targets of `volume` whose bind is gone or dead."""
+        broken = []
+        for path in list(volume.targets):
+            if not mounts.is_mounted(path) or await mounts.path_problem(path):
+                broken.append(path)
+        return broken
+
+    async def probe(self) -> None:
+        """Ready: FUSE is usable, the configured file system's Redis answers, and no volume's
+        mount is broken beyond what the watcher could repair."""
+        if not os.path.exists("/dev/fuse"):
+            raise FailedPrecondition("/dev/fuse is missing: run privileged with /dev/fuse")
+        if self.cfg.meta_url:
+            await self.fs.ping(self.cfg.meta_url)
+        broken = [v for v in self.table if v.problem and v.failures]
+        if broken:
+            v = broken[0]
+            raise UnavailableError(f"volume {v.volume_id} cannot be repaired: {v.problem}")
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def busy(self, vid: str) -> bool:
+        lock = self._locks.get(vid)
+        return lock is not None and lock.locked()
+
+    async def check(self, volume: Volume) -> None:
+        """One look of the watcher at a volume: repairs a dead mount or a lost bind."""
+        if self.busy(volume.volume_id) or time.monotonic() < volume.retry_at:
+            return
+        problem = await self._problem(volume)
+        broken = await self.target_problems(volume) if not problem else []
+        if not problem and not broken:
+            if volume.problem:
+                log.info("volume %s is healthy again", volume.volume_id)
+            volume.problem, volume.failures = "", 0
+            return
+        with tracer(__name__).start_as_current_span("cairn.nodeplugin.recover") as span:
+            span.set_attribute("cairn.volume_id", volume.volume_id)
+            trace = propagation.inject()
+            async with self._exclusive(volume.volume_id):
+                if self.table.get(volume.volume_id) is not volume:
+                    return  # unstaged meanwhile
+                try:
+                    await self._recover(volume, {}, trace, problem or f"lost bind at {broken[0]}")
+                except CairnError as error:
+                    volume.problem = str(error)
+                    volume.failures += 1
+                    delay = min(RETRY_MAX, 0.5 * 2**volume.failures)
+                    volume.retry_at = time.monotonic() + delay
+                    log.warning("volume %s: recovery failed (%s); next try in %.0fs",
+                                volume.volume_id, error, delay)  # fmt: skip
+
+    async def _recover(self, volume: Volume, secrets: Mapping[str, str], trace: dict,
+                       reason: str = "") -> None:  # fmt: skip
+        """Brings a staged volume back: a new mount process (shared) or bind (local) at the
+        staging path when that is dead or gone, then every target bound to it again."""
+        reason = reason or await self._problem(volume)
+        staging_dead = bool(await self._problem(volume))
+        old_pid = volume.pid
+        if staging_dead:
+            log.warning("volume %s: %s: restoring its mount", volume.volume_id, reason)
+            if volume.kind == "shared":
+                if secrets.get(SECRET_META_URL):
+                    volume.meta_url = secrets[SECRET_META_URL]
+                if not volume.meta_url:
+                    volume.meta_url = self._known_url(volume)
+                if mounts.alive(volume.pid):
+                    await mounts.terminate(volume.pid)
+                await mounts.make_dir(volume.staging_path)
+                volume.pid = await self._mount_process(volume)
+            else:
+                await mounts.make_dir(volume.staging_path)
+                await mounts.unmount_all(volume.staging_path)
+                await mounts.in_thread(lambda: _make_local_dir(volume.source))
+                await mounts.bind(volume.source, volume.staging_path, volume.read_only)
+            self.table.save()
+        rebound = []
+        for target in list(volume.targets.values()):
+            if not staging_dead and target.path not in await self.target_problems(volume):
+                continue
+            await mounts.make_dir(target.path)
+            await mounts.unmount_all(target.path)
+            await mounts.bind(volume.staging_path, target.path,
+                              target.read_only or volume.read_only)  # fmt: skip
+            rebound.append(target.path)
+        volume.problem, volume.failures, volume.retry_at = "", 0, 0.0
+        log.info("volume %s recovered (mount process %d -> %d, %d targets bound again)",
+                 volume.volume_id, old_pid, volume.pid, len(rebound))  # fmt: skip
+        await self._emit(volume.volume_id, MountRecovered(
+            node=self.cfg.node_id, staging_path=volume.staging_path, old_pid=old_pid,
+            new_pid=volume.pid, targets=rebound), trace)  # fmt: skip
+
+    def _known_url(self, volume: Volume) -> str:
+        if volume.meta == "default" and self.cfg.meta_url:
+            return self.cfg.meta_url
+        raise FailedPrecondition(
+            f"volume {volume.volume_id} lives on a file system named by secrets, which this "
+            "plugin no longer knows: it is repaired when kubelet stages it again"
+        )
+
+    def restore(self) -> None:
+        """Loads the table after a restart; the watcher then repairs what died meanwhile."""
+        self.table.load()
+        for volume in self.table:
+            if volume.kind != "shared":
+                continue
+            if not mounts.alive(volume.pid):
+                volume.pid = self.processes.pid_of(volume.staging_path) or volume.pid
+            if volume.meta == "secret" and mounts.alive(volume.pid):
+                volume.meta_url = self.processes.url_of(volume.pid)
+        if len(self.table):
+            log.info("serving %d staged volumes again: %s", len(self.table),
+                     ", ".join(v.volume_id for v in self.table))  # fmt: skip
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, vid: str) -> AsyncIterator[None]:
+        """One call at a time per volume (kubelet's calls, and the watcher's repairs)."""
+        lock = self._locks.setdefault(vid, asyncio.Lock())
+        async with lock:
+            yield
+        if not lock.locked() and self.table.get(vid) is None:
+            self._locks.pop(vid, None)
+
+    async def _kubelet_path(self, value: str, what: str) -> str:
+        """`value` resolved, which must lie below kubelet's directory."""
+        if not value:
+            raise InvalidArgument(f"{what} is required")
+        if not value.startswith("/"):
+            raise InvalidArgument(f"{what} {value!r} is not an absolute path")
+        try:
+            real = await mounts.realpath(value)
+        except DeadlineExceeded:
+            raise UnavailableError(f"{what} {value}: a mount on the way does not answer") from None
+        if not real.startswith(self.cfg.kubelet_dir.rstrip("/") + "/"):
+            raise InvalidArgument(
+                f"{what} {value} is not below kubelet's directory {self.cfg.kubelet_dir}"
+            )
+        return real
+
+    async def _emit(self, vid: str, event: Event, trace: dict) -> None:
+        """Appends one event to the volume's history; a bus outage only delays it (outbox),
+        and an event that cannot be written never fails the mount it reports."""
+        for _ in range(5):
+            try:
+                await self.events.append("volume", vid, [event], trace=trace)
+                return
+            except ConflictError:
+                continue
+            except CairnError as error:
+                log.warning("could not record %s of volume %s: %s", event.type_name(), vid, error)
+                return
+        log.warning("could not record %s of volume %s: its events keep changing",
+                    event.type_name(), vid)  # fmt: skip
+
+
+def _make_local_dir(path: str) -> None:
+    try:
+        os.mkdir(path, LOCAL_MODE)
+    except FileExistsError:
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise FailedPrecondition(f"{path} exists and is not a directory") from None
+        return
+    os.chmod(path, LOCAL_MODE)  # not narrowed by the umask
+
+
+def _usage(st: os.statvfs_result) -> list[Any]:
+    total = st.f_blocks * st.f_frsize
+    return [
+        Usage(unit=Usage.BYTES, total=total, available=st.f_bavail * st.f_frsize,
+              used=max(0, total - st.f_bfree * st.f_frsize)),
+        Usage(unit=Usage.INODES, total=st.f_files, available=st.f_favail,
+              used=max(0, st.f_files - st.f_ffree)),
+    ]  # fmt: skip
+
+
+def _healthy_message(volume: Volume) -> str:
+    if volume.kind == "shared":
+        return f"mounted by process {volume.pid}"
+    return f"local directory {volume.source}"
+
+
+# -- capacity of the local root -------------------------------------------------------------------
+
+
+class CapacityReporter:
+    """Reports the local root's size and free space (NodeCapacityReported on the node's
+    aggregate) at start and then whenever it changed noticeably, at least every `every`
+    reports' time, for the controller's placement of local volumes."""
+
+    def __init__(self, cfg: NodeConfig, events: Any, interval: float = 60.0, every: int = 60):
+        self.cfg, self.events, self.interval, self.every = cfg, events, interval, every
+        self._last: tuple[int, int] | None = None
+        self._quiet = 0
+
+    async def report(self, force: bool = False) -> bool:
+        """Appends a report when it is due; whether one was appended."""
+        Path(self.cfg.local_root).mkdir(parents=True, exist_ok=True)
+        st = await mounts.statvfs(self.cfg.local_root)
+        capacity, available = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        if not force and self._last is not None and self._quiet < self.every:
+            old_capacity, old_available = self._last
+            if old_capacity == capacity and abs(old_available - available) < max(
+                    capacity // 100, 1 << 20):  # fmt: skip
+                self._quiet += 1
+                return False
+        await self.events.append("node", self.cfg.node_id, [NodeCapacityReported(
+            node=self.cfg.node_id, capacity_bytes=capacity, available_bytes=available,
+            local_path=self.cfg.local_root)])  # fmt: skip
+        self._last, self._quiet = (capacity, available), 0
+        return True
+
+    async def run(self) -> None:
+        first = True
+        while True:
+            try:
+                await self.report(force=first)
+                first = False
+            except (CairnError, OSError) as error:
+                log.warning("could not report the capacity of %s: %s", self.cfg.local_root, error)
+            await asyncio.sleep(self.interval)
