@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import redis.asyncio as aioredis
@@ -21,7 +20,8 @@ async def test_jobs_clean_a_dead_session(redis_url, tmp_path):
     sid = await dead.new_session({"hostname": "gone", "pid": 1})
     raw = aioredis.from_url(redis_url)
     await raw.zadd(keys.SESSIONS, {str(sid): 1.0})  # last heartbeat long ago
-    task = asyncio.create_task(run_jobs(redis_url, interval=0.05))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_jobs(redis_url, stop, interval=0.05))
     try:
         for _ in range(100):
             if await raw.zscore(keys.SESSIONS, str(sid)) is None:
@@ -29,9 +29,8 @@ async def test_jobs_clean_a_dead_session(redis_url, tmp_path):
             await asyncio.sleep(0.05)
         assert await raw.zscore(keys.SESSIONS, str(sid)) is None
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stop.set()
+        await asyncio.wait_for(task, 30)
         await raw.aclose()
         await dead.close()
 

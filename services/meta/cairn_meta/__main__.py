@@ -78,8 +78,10 @@ async def run(cfg: dict) -> None:
             await server.start()
             stack.push_async_callback(server.stop, 2)
         if cfg["jobs_interval"] > 0:
-            jobs = asyncio.create_task(run_jobs(cfg["meta_url"], cfg["jobs_interval"]))
-            stack.push_async_callback(cancel_and_wait, jobs)
+            stop_jobs = asyncio.Event()
+            jobs = asyncio.create_task(run_jobs(cfg["meta_url"], stop_jobs,
+                                                cfg["jobs_interval"]))
+            stack.push_async_callback(stop_and_wait, jobs, stop_jobs)
         await runtime.announce_started()
         log.info("cairn-meta ready: admin on %s, CSI on %s", admin.address,
                  cfg.get("csi_endpoint") or "(none)")
@@ -95,10 +97,12 @@ def build_csi_server(endpoint: str, probe: Callable[[], Awaitable[None]],
     return csi
 
 
-async def cancel_and_wait(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+async def stop_and_wait(task: asyncio.Task, stop: asyncio.Event, grace: float = 10.0) -> None:
+    stop.set()
+    try:
+        await asyncio.wait_for(task, grace)
+    except (TimeoutError, asyncio.CancelledError):
+        log.warning("background jobs did not stop within %.0fs", grace)
 
 
 def main() -> None:

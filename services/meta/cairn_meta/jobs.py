@@ -8,6 +8,7 @@ skipped until one is formatted. A failing pass is logged and retried at the next
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from cairn.errors import CairnError
@@ -16,14 +17,17 @@ from cairn.housekeeping import run_pass
 log = logging.getLogger(__name__)
 
 
-async def run_jobs(meta_url: str, interval: float = 60.0, gc_every: int = 60) -> None:
+async def run_jobs(meta_url: str, stop: asyncio.Event, interval: float = 60.0,
+                   gc_every: int = 60) -> None:
+    """Runs passes until `stop` is set. (A stop event rather than task cancellation: some
+    Python 3.11 patch releases lose a cancellation that lands inside redis-py's timeouts.)"""
     from cairn.meta.engine import Meta
     from cairn.storage import open_store
 
     tick = 0
     meta = store = None
     try:
-        while True:
+        while not stop.is_set():
             try:
                 if meta is None:
                     meta = await Meta.open(meta_url)
@@ -39,7 +43,8 @@ async def run_jobs(meta_url: str, interval: float = 60.0, gc_every: int = 60) ->
                 else:
                     log.debug("no volume to look after yet: %s", error)
             tick += 1
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
     finally:
         if store is not None:
             await store.close()

@@ -37,7 +37,7 @@ import os
 import posixpath
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,6 @@ from cairn.errors import (
     AlreadyExists,
     CairnError,
     ConfigError,
-    ConflictError,
     DeadlineExceeded,
     FailedPrecondition,
     FSError,
@@ -58,8 +57,6 @@ from cairn.errors import (
     UnavailableError,
 )
 from cairn.events.types import (
-    Event,
-    MountRecovered,
     NodeCapacityReported,
     VolumePublished,
     VolumeStaged,
@@ -69,9 +66,8 @@ from cairn.events.types import (
 from cairn.rpc.gen import csi_pb2, csi_pb2_grpc
 from cairn.rpc.status import handle_servicer_errors
 from cairn.telemetry import propagation
-from cairn.telemetry.tracing import tracer
 from cairn_nodeplugin import mounts
-from cairn_nodeplugin.state import Table, Target, Volume
+from cairn_nodeplugin.state import Target, Volume
 
 log = logging.getLogger(__name__)
 
@@ -225,14 +221,11 @@ class FileSystems:
 class NodeService(csi_pb2_grpc.NodeServicer):
     """CSI Node: see the module docstring."""
 
-    def __init__(self, cfg: NodeConfig, table: Table, processes: mounts.MountProcesses,
-                 events: Any, filesystems: FileSystems | None = None):  # fmt: skip
+    def __init__(self, cfg: NodeConfig, keeper: mounts.Keeper, filesystems: FileSystems):
         self.cfg = cfg
-        self.table = table
-        self.processes = processes
-        self.events = events
-        self.fs = filesystems or FileSystems()
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.keeper = keeper
+        self.table = keeper.table
+        self.fs = filesystems
 
     # -- identity and capabilities ----------------------------------------------------------
 
@@ -253,12 +246,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staging = await self._kubelet_path(request.staging_target_path, "staging_target_path")
         cap = check_capability(request)
         trace = propagation.inject()
-        async with self._exclusive(vid):
+        async with self.keeper.exclusive(vid):
             volume = self.table.get(vid)
             if volume is not None:
-                self._check_restage(volume, staging, cap)
-                if await self._problem(volume):
-                    await self._recover(volume, dict(request.secrets), trace)
+                _check_restage(volume, staging, cap)
+                if await self.keeper.problem(volume):
+                    await self.keeper.recover(volume, dict(request.secrets), trace)
                 return csi_pb2.NodeStageVolumeResponse()
             other = self.table.at_staging(staging)
             if other is not None:
@@ -275,20 +268,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             else:
                 raise InvalidArgument(f"volume_context type {kind!r} is not shared or local")
         log.info("volume %s staged at %s", vid, staging)
-        await self._emit(vid, VolumeStaged(node=self.cfg.node_id, staging_path=staging,
-                                           mount_pid=volume.pid), trace)  # fmt: skip
+        await self.keeper.emit(vid, VolumeStaged(node=self.cfg.node_id, staging_path=staging,
+                                                 mount_pid=volume.pid), trace)  # fmt: skip
         return csi_pb2.NodeStageVolumeResponse()
-
-    @staticmethod
-    def _check_restage(volume: Volume, staging: str, cap: Any) -> None:
-        if volume.staging_path != staging:
-            raise FailedPrecondition(
-                f"volume {volume.volume_id} is already staged at {volume.staging_path}"
-            )
-        if volume.capability != fingerprint(cap):
-            raise AlreadyExists(
-                f"volume {volume.volume_id} is staged at {staging} with another capability"
-            )
 
     def _meta_url(self, context: Mapping[str, str], secrets: Mapping[str, str]) -> tuple[str, str]:
         """(META_URL, "default" | "secret") of a shared volume's file system."""
@@ -319,40 +301,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         meta = await self.fs.get(url)
         wanted = context.get("fsUUID")
         if wanted and meta.fmt.uuid != wanted:
-            raise FailedPrecondition(f"volume {vid} lives on file system {wanted}, and the one "
-                                     f"configured here is {meta.fmt.uuid}")  # fmt: skip
+            raise FailedPrecondition(f"volume {vid} lives on file system {wanted}, not on "
+                                     f"{meta.fmt.uuid}")  # fmt: skip
         await find_dir(meta, path)
         volume = Volume(
             volume_id=vid, kind="shared", staging_path=staging, source=path,
             access_mode=cap.access_mode.mode, capability=fingerprint(cap),
             read_only=cap.access_mode.mode in READ_ONLY_MODES, meta=ref, fs_uuid=meta.fmt.uuid,
-            log=str(self.processes.log_path(vid)), staged_at=time.time(), meta_url=url,
+            log=str(self.keeper.processes.log_path(vid)), staged_at=time.time(), meta_url=url,
         )  # fmt: skip
         self.table.put(volume)  # recorded first: a crash from here on is finished by a retry
         try:
             await mounts.make_dir(staging)
-            volume.pid = await self._mount_process(volume)
+            volume.pid = await self.keeper.mount_process(volume)
         except BaseException:
             self.table.remove(vid)
             raise
         self.table.save()
         return volume
-
-    async def _mount_process(self, volume: Volume) -> int:
-        """Starts the volume's mount process at its staging path, or adopts the live one
-        already serving it (a process whose record was lost)."""
-        staging = volume.staging_path
-        running = self.processes.pid_of(staging)
-        if running and mounts.is_mounted(staging) and not await mounts.path_problem(staging):
-            log.info("volume %s: adopting mount process %d at %s", volume.volume_id, running,
-                     staging)  # fmt: skip
-            return running
-        if running:
-            await mounts.terminate(running)
-        if mounts.is_mounted(staging):
-            await mounts.unmount(staging, lazy=True)  # dead, or not ours: detach it
-        return await self.processes.start(volume.volume_id, volume.meta_url, volume.source,
-                                          staging, volume.read_only)  # fmt: skip
 
     async def _stage_local(self, vid: str, staging: str, cap: Any,
                            context: dict[str, str]) -> Volume:  # fmt: skip
@@ -367,22 +333,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         )  # fmt: skip
         self.table.put(volume)
         try:
-            await mounts.in_thread(lambda: _make_local_dir(path))
-            await mounts.make_dir(staging)
-            await mounts.unmount_all(staging)
-            await mounts.bind(path, staging, volume.read_only)
+            await self.keeper.bind_local(volume)
         except BaseException:
             self.table.remove(vid)
             raise
         return volume
 
     async def _local_path(self, value: str) -> str:
-        """A local volume's directory, which must be directly below the local root."""
-        if not value or not value.startswith("/"):
+        """A local volume's directory, which must lie directly below the local root."""
+        if not value.startswith("/"):
             raise InvalidArgument("volume_context of a local volume needs an absolute path")
         real = await mounts.realpath(value)
-        if posixpath.dirname(real) != self.cfg.local_root or posixpath.basename(real) in ("",
-                                                                                         ".."):
+        if posixpath.dirname(real) != self.cfg.local_root:
             raise InvalidArgument(
                 f"local volume path {value} is not a directory of this node's local root "
                 f"{self.cfg.local_root}"
@@ -400,7 +362,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise InvalidArgument("target_path and staging_target_path are the same")
         read_only = request.readonly or cap.access_mode.mode in READ_ONLY_MODES
         trace = propagation.inject()
-        async with self._exclusive(vid):
+        async with self.keeper.exclusive(vid):
             volume = self.table.get(vid)
             if volume is None:
                 raise NotFound(f"volume {vid} is not staged on node {self.cfg.node_id}")
@@ -418,12 +380,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             else:
                 self._check_new_target(volume, target, cap)
                 volume.targets[target] = wanted
+                self.table.save()  # recorded first, as for staging
+            try:
+                await self.keeper.bind_target(volume, target, read_only)
+            except BaseException:
+                volume.targets.pop(target, None)  # not published: a retry starts clean
                 self.table.save()
-            await self._bind_target(volume, wanted)
+                raise
         log.info("volume %s published at %s%s", vid, target, " (read-only)" if read_only else "")
         if existing is None:
-            await self._emit(vid, VolumePublished(node=self.cfg.node_id, target_path=target,
-                                                  read_only=read_only), trace)  # fmt: skip
+            await self.keeper.emit(vid, VolumePublished(
+                node=self.cfg.node_id, target_path=target, read_only=read_only), trace)  # fmt: skip
         return csi_pb2.NodePublishVolumeResponse()
 
     def _check_new_target(self, volume: Volume, target: str, cap: Any) -> None:
@@ -437,23 +404,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"published at {next(iter(volume.targets))}"
             )
 
-    async def _bind_target(self, volume: Volume, target: Target) -> None:
-        try:
-            await mounts.make_dir(target.path)
-            await mounts.unmount_all(target.path)  # a stale bind of a dead mount
-            await mounts.bind(volume.staging_path, target.path,
-                              target.read_only or volume.read_only)  # fmt: skip
-        except BaseException:
-            # Not published after all: forget it so a retry starts clean.
-            volume.targets.pop(target.path, None)
-            self.table.save()
-            raise
-
     async def NodeUnpublishVolume(self, request, context):
         vid = check_volume_id(request.volume_id)
         target = await self._kubelet_path(request.target_path, "target_path")
         trace = propagation.inject()
-        async with self._exclusive(vid):
+        async with self.keeper.exclusive(vid):
             volume = self.table.get(vid)
             known = volume is not None and target in volume.targets
             if not known:
@@ -468,8 +423,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self.table.save()
         if known:
             log.info("volume %s unpublished from %s", vid, target)
-            await self._emit(vid, VolumeUnpublished(node=self.cfg.node_id, target_path=target),
-                             trace)  # fmt: skip
+            await self.keeper.emit(vid, VolumeUnpublished(node=self.cfg.node_id,
+                                                          target_path=target), trace)  # fmt: skip
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # -- unstage -----------------------------------------------------------------------------
@@ -478,7 +433,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         vid = check_volume_id(request.volume_id)
         staging = await self._kubelet_path(request.staging_target_path, "staging_target_path")
         trace = propagation.inject()
-        async with self._exclusive(vid):
+        async with self.keeper.exclusive(vid):
             volume = self.table.get(vid)
             if volume is None or volume.staging_path != staging:
                 await self._clear_unknown_staging(vid, staging)
@@ -487,21 +442,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise FailedPrecondition(f"volume {vid} is still published at "
                                          f"{', '.join(sorted(volume.targets))}")  # fmt: skip
             if volume.kind == "shared":
-                await self.processes.stop(staging, volume.pid)
+                await self.keeper.processes.stop(staging, volume.pid)
             await mounts.unmount_all(staging)
             self.table.remove(vid)
         log.info("volume %s unstaged from %s", vid, staging)
-        await self._emit(vid, VolumeUnstaged(node=self.cfg.node_id, staging_path=staging), trace)
+        await self.keeper.emit(vid, VolumeUnstaged(node=self.cfg.node_id, staging_path=staging),
+                               trace)  # fmt: skip
         return csi_pb2.NodeUnstageVolumeResponse()
 
     async def _clear_unknown_staging(self, vid: str, staging: str) -> None:
-        """Unstage of a volume not staged there: done already, unless something is left."""
+        """Unstage of a volume not staged there: done already, unless something was left."""
         other = self.table.at_staging(staging)
         if other is not None:
             raise NotFound(f"{staging} is where volume {other.volume_id} is staged, not {vid}")
-        pid = self.processes.pid_of(staging)
+        pid = self.keeper.processes.pid_of(staging)
         if pid:
-            await self.processes.stop(staging, pid)
+            await self.keeper.processes.stop(staging, pid)
         await mounts.unmount_all(staging)
 
     # -- stats and expansion ----------------------------------------------------------------
@@ -509,36 +465,35 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     async def NodeGetVolumeStats(self, request, context):
         vid = check_volume_id(request.volume_id)
         volume, path = await self._volume_at(vid, request.volume_path)
-        problem = await self._problem(volume, path)
+        problem = await self.keeper.problem(volume, path)
         usage = []
         if not problem:
             try:
-                st = await mounts.statvfs(path)
-                usage = _usage(st)
+                usage = _usage(await mounts.statvfs(path))
             except (OSError, DeadlineExceeded) as error:
                 problem = f"{path}: {getattr(error, 'strerror', None) or error}"
-        message = problem or _healthy_message(volume)
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=usage,
-            volume_condition=csi_pb2.VolumeCondition(abnormal=bool(problem), message=message),
-        )
+            volume_condition=csi_pb2.VolumeCondition(
+                abnormal=bool(problem), message=problem or _healthy_message(volume)),
+        )  # fmt: skip
 
     async def NodeExpandVolume(self, request, context):
         vid = check_volume_id(request.volume_id)
         if request.HasField("volume_capability"):
             check_capability(request)
         volume, path = await self._volume_at(vid, request.volume_path)
-        wanted = request.capacity_range.required_bytes or request.capacity_range.limit_bytes
-        size = wanted
-        if volume.kind == "shared" and not await self._problem(volume, path):
-            # The quota grew in the controller; the mount answers statvfs from it.
+        size = request.capacity_range.required_bytes or request.capacity_range.limit_bytes
+        if volume.kind == "shared" and not await self.keeper.problem(volume, path):
+            # Nothing to do here: the quota grew in the controller, and the mount answers
+            # statvfs from it.
             with contextlib.suppress(OSError, DeadlineExceeded):
                 st = await mounts.statvfs(path)
-                size = max(wanted, st.f_blocks * st.f_frsize)
+                size = max(size, st.f_blocks * st.f_frsize)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     async def _volume_at(self, vid: str, volume_path: str) -> tuple[Volume, str]:
-        """The staged volume and the (resolved) path of it a stats or expand call names."""
+        """The staged volume, and the (resolved) path of it that a stats or expand call names."""
         if not volume_path:
             raise InvalidArgument("volume_path is required")
         volume = self.table.get(vid)
@@ -549,148 +504,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise NotFound(f"{volume_path} is not where volume {vid} is staged or published")
         return volume, path
 
-    # -- health ----------------------------------------------------------------------------
-
-    async def _problem(self, volume: Volume, path: str | None = None) -> str:
-        """Why the volume is not usable at its staging path (or at `path`); "" when it is."""
-        if volume.kind == "shared" and not mounts.alive(volume.pid):
-            return f"mount process {volume.pid} of volume {volume.volume_id} is not running"
-        for where in dict.fromkeys((volume.staging_path, path or volume.staging_path)):
-            if not mounts.is_mounted(where):
-                return f"{where} is not mounted"
-            problem = await mounts.path_problem(where)
-            if problem:
-                return problem
-        return ""
-
-    async def target_problems(self, volume: Volume) -> list[str]:
-        """The targets of `volume` whose bind is gone or dead."""
-        broken = []
-        for path in list(volume.targets):
-            if not mounts.is_mounted(path) or await mounts.path_problem(path):
-                broken.append(path)
-        return broken
-
-    async def probe(self) -> None:
-        """Ready: FUSE is usable, the configured file system's Redis answers, and no volume's
-        mount is broken beyond what the watcher could repair."""
-        if not os.path.exists("/dev/fuse"):
-            raise FailedPrecondition("/dev/fuse is missing: run privileged with /dev/fuse")
-        if self.cfg.meta_url:
-            await self.fs.ping(self.cfg.meta_url)
-        broken = [v for v in self.table if v.problem and v.failures]
-        if broken:
-            v = broken[0]
-            raise UnavailableError(f"volume {v.volume_id} cannot be repaired: {v.problem}")
-
-    # -- recovery ---------------------------------------------------------------------------
-
-    def busy(self, vid: str) -> bool:
-        lock = self._locks.get(vid)
-        return lock is not None and lock.locked()
-
-    async def check(self, volume: Volume) -> None:
-        """One look of the watcher at a volume: repairs a dead mount or a lost bind."""
-        if self.busy(volume.volume_id) or time.monotonic() < volume.retry_at:
-            return
-        problem = await self._problem(volume)
-        broken = await self.target_problems(volume) if not problem else []
-        if not problem and not broken:
-            if volume.problem:
-                log.info("volume %s is healthy again", volume.volume_id)
-            volume.problem, volume.failures = "", 0
-            return
-        with tracer(__name__).start_as_current_span("cairn.nodeplugin.recover") as span:
-            span.set_attribute("cairn.volume_id", volume.volume_id)
-            trace = propagation.inject()
-            async with self._exclusive(volume.volume_id):
-                if self.table.get(volume.volume_id) is not volume:
-                    return  # unstaged meanwhile
-                try:
-                    await self._recover(volume, {}, trace, problem or f"lost bind at {broken[0]}")
-                except CairnError as error:
-                    volume.problem = str(error)
-                    volume.failures += 1
-                    delay = min(RETRY_MAX, 0.5 * 2**volume.failures)
-                    volume.retry_at = time.monotonic() + delay
-                    log.warning("volume %s: recovery failed (%s); next try in %.0fs",
-                                volume.volume_id, error, delay)  # fmt: skip
-
-    async def _recover(self, volume: Volume, secrets: Mapping[str, str], trace: dict,
-                       reason: str = "") -> None:  # fmt: skip
-        """Brings a staged volume back: a new mount process (shared) or bind (local) at the
-        staging path when that is dead or gone, then every target bound to it again."""
-        reason = reason or await self._problem(volume)
-        staging_dead = bool(await self._problem(volume))
-        old_pid = volume.pid
-        if staging_dead:
-            log.warning("volume %s: %s: restoring its mount", volume.volume_id, reason)
-            if volume.kind == "shared":
-                if secrets.get(SECRET_META_URL):
-                    volume.meta_url = secrets[SECRET_META_URL]
-                if not volume.meta_url:
-                    volume.meta_url = self._known_url(volume)
-                if mounts.alive(volume.pid):
-                    await mounts.terminate(volume.pid)
-                await mounts.make_dir(volume.staging_path)
-                volume.pid = await self._mount_process(volume)
-            else:
-                await mounts.make_dir(volume.staging_path)
-                await mounts.unmount_all(volume.staging_path)
-                await mounts.in_thread(lambda: _make_local_dir(volume.source))
-                await mounts.bind(volume.source, volume.staging_path, volume.read_only)
-            self.table.save()
-        rebound = []
-        for target in list(volume.targets.values()):
-            if not staging_dead and target.path not in await self.target_problems(volume):
-                continue
-            await mounts.make_dir(target.path)
-            await mounts.unmount_all(target.path)
-            await mounts.bind(volume.staging_path, target.path,
-                              target.read_only or volume.read_only)  # fmt: skip
-            rebound.append(target.path)
-        volume.problem, volume.failures, volume.retry_at = "", 0, 0.0
-        log.info("volume %s recovered (mount process %d -> %d, %d targets bound again)",
-                 volume.volume_id, old_pid, volume.pid, len(rebound))  # fmt: skip
-        await self._emit(volume.volume_id, MountRecovered(
-            node=self.cfg.node_id, staging_path=volume.staging_path, old_pid=old_pid,
-            new_pid=volume.pid, targets=rebound), trace)  # fmt: skip
-
-    def _known_url(self, volume: Volume) -> str:
-        if volume.meta == "default" and self.cfg.meta_url:
-            return self.cfg.meta_url
-        raise FailedPrecondition(
-            f"volume {volume.volume_id} lives on a file system named by secrets, which this "
-            "plugin no longer knows: it is repaired when kubelet stages it again"
-        )
-
-    def restore(self) -> None:
-        """Loads the table after a restart; the watcher then repairs what died meanwhile."""
-        self.table.load()
-        for volume in self.table:
-            if volume.kind != "shared":
-                continue
-            if not mounts.alive(volume.pid):
-                volume.pid = self.processes.pid_of(volume.staging_path) or volume.pid
-            if volume.meta == "secret" and mounts.alive(volume.pid):
-                volume.meta_url = self.processes.url_of(volume.pid)
-        if len(self.table):
-            log.info("serving %d staged volumes again: %s", len(self.table),
-                     ", ".join(v.volume_id for v in self.table))  # fmt: skip
-
     # -- helpers -----------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, vid: str) -> AsyncIterator[None]:
-        """One call at a time per volume (kubelet's calls, and the watcher's repairs)."""
-        lock = self._locks.setdefault(vid, asyncio.Lock())
-        async with lock:
-            yield
-        if not lock.locked() and self.table.get(vid) is None:
-            self._locks.pop(vid, None)
-
     async def _kubelet_path(self, value: str, what: str) -> str:
-        """`value` resolved, which must lie below kubelet's directory."""
+        """`value` resolved (symlinks followed), which must lie below kubelet's directory."""
         if not value:
             raise InvalidArgument(f"{what} is required")
         if not value.startswith("/"):
@@ -705,30 +522,33 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             )
         return real
 
-    async def _emit(self, vid: str, event: Event, trace: dict) -> None:
-        """Appends one event to the volume's history; a bus outage only delays it (outbox),
-        and an event that cannot be written never fails the mount it reports."""
-        for _ in range(5):
-            try:
-                await self.events.append("volume", vid, [event], trace=trace)
-                return
-            except ConflictError:
-                continue
-            except CairnError as error:
-                log.warning("could not record %s of volume %s: %s", event.type_name(), vid, error)
-                return
-        log.warning("could not record %s of volume %s: its events keep changing",
-                    event.type_name(), vid)  # fmt: skip
+
+def _check_restage(volume: Volume, staging: str, cap: Any) -> None:
+    if volume.staging_path != staging:
+        raise FailedPrecondition(
+            f"volume {volume.volume_id} is already staged at {volume.staging_path}"
+        )
+    if volume.capability != fingerprint(cap):
+        raise AlreadyExists(
+            f"volume {volume.volume_id} is staged at {staging} with another capability"
+        )
 
 
-def _make_local_dir(path: str) -> None:
-    try:
-        os.mkdir(path, LOCAL_MODE)
-    except FileExistsError:
-        if not os.path.isdir(path) or os.path.islink(path):
-            raise FailedPrecondition(f"{path} exists and is not a directory") from None
-        return
-    os.chmod(path, LOCAL_MODE)  # not narrowed by the umask
+def readiness(cfg: NodeConfig, keeper: mounts.Keeper, filesystems: FileSystems):
+    """The node plugin's Probe: FUSE is usable, the configured file system's Redis answers,
+    and no staged volume is broken beyond what the watcher could repair."""
+
+    async def probe() -> None:
+        if not os.path.exists("/dev/fuse"):
+            raise FailedPrecondition("/dev/fuse is missing: run privileged with /dev/fuse")
+        if cfg.meta_url:
+            await filesystems.ping(cfg.meta_url)
+        broken = keeper.unrepaired()
+        if broken:
+            raise UnavailableError(f"volume {broken[0].volume_id} cannot be repaired: "
+                                   f"{broken[0].problem}")  # fmt: skip
+
+    return probe
 
 
 def _usage(st: os.statvfs_result) -> list[Any]:
