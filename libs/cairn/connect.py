@@ -38,7 +38,7 @@ async def nats(url: str, name: str = "cairn", timeout: float = 3.0, **options):
         return await nats_py.connect(url, name=name, connect_timeout=timeout,
                                      allow_reconnect=False, max_reconnect_attempts=0,
                                      **options)
-    except (NoServersError, OSError, asyncio.TimeoutError) as error:
+    except (TimeoutError, NoServersError, OSError) as error:
         raise _unreachable(NATS_URL, url, _short(error), "start nats-server with -js") from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,6 +22,11 @@ CAIRN = str(Path(sys.executable).parent / "cairn")
 def cairn(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
     return subprocess.run([CAIRN, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return answer.status
 
 
 def alive(pid: int) -> bool:
@@ -52,8 +58,7 @@ async def test_stack_answers_and_down_stops_exactly_it(stack, redis_server):
     assert {d.name: d.ok for d in status.dependencies} == {"redis": True, "object-store": True}
     assert await probe(stack["controller_csi"]) == (True, "ok")
     assert await probe(stack["node_csi"]) == (True, "ok")
-    with urllib.request.urlopen(f"http://{stack['health_addr']}/healthz", timeout=5) as answer:
-        assert answer.status == 200
+    assert await asyncio.to_thread(http_status, f"http://{stack['health_addr']}/healthz") == 200
 
     status_cmd = cairn("dev", "status", "--state-dir", state)
     assert status_cmd.returncode == 0 and "DEAD" not in status_cmd.stdout

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import grpc
 import nats
+from opentelemetry import baggage, trace
+
 from cairn import telemetry
 from cairn.telemetry.grpc_otel import server_interceptors
-from opentelemetry import baggage, trace
 
 SERVICE = "cairn.test.TracePeer"
 BAGGAGE_KEY = "cairn.volume"

@@ -11,6 +11,7 @@ import stat
 
 import grpc
 import pytest
+
 from cairn.errors import (
     AlreadyExists,
     CairnError,

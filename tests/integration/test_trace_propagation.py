@@ -16,10 +16,11 @@ from pathlib import Path
 import grpc
 import nats
 import pytest
-from cairn import localstack, telemetry
-from cairn.telemetry.grpc_otel import client_interceptors
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
+
+from cairn import localstack, telemetry
+from cairn.telemetry.grpc_otel import client_interceptors
 
 PEER = Path(__file__).with_name("_trace_peer.py")
 METHOD = "/cairn.test.TracePeer/Echo"

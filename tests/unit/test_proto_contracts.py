@@ -8,8 +8,9 @@ other side decodes: fix the .proto, not this test.
 from __future__ import annotations
 
 import pytest
-from cairn.rpc.gen import admin_pb2, csi_pb2, csi_pb2_grpc, pluginregistration_pb2
 from google.protobuf.descriptor import FieldDescriptor
+
+from cairn.rpc.gen import admin_pb2, csi_pb2, csi_pb2_grpc, pluginregistration_pb2
 
 CSI = csi_pb2.DESCRIPTOR
 T = FieldDescriptor

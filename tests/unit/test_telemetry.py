@@ -8,13 +8,14 @@ import logging
 import urllib.request
 
 import pytest
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace import TracerProvider
+
 from cairn import telemetry
 from cairn.errors import ConfigError
 from cairn.telemetry import grpc_otel, logs, metrics
 from cairn.telemetry.logs import TraceContextFilter
-from opentelemetry import baggage, trace
-from opentelemetry import context as otel_context
-from opentelemetry.sdk.trace import TracerProvider
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ timeout). Runs inside the node plugin or as its own sidecar (`cairn liveness`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -25,7 +24,7 @@ async def probe(csi_endpoint: str, timeout: float = 3.0) -> tuple[bool, str]:
                 csi_pb2.ProbeRequest(), timeout=timeout)
     except grpc.aio.AioRpcError as error:
         return False, f"probe failed: {error.code().name}: {error.details()}"
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False, "probe timed out"
     if answer.HasField("ready") and not answer.ready.value:
         return False, "plugin reports not ready"

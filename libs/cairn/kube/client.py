@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from cairn.config import KUBECONFIG
@@ -16,7 +17,7 @@ async def api_client(kubeconfig: str | None = None):
     path = kubeconfig or os.environ.get("KUBECONFIG")
     try:
         if path:
-            if not os.path.exists(path):
+            if not await asyncio.to_thread(os.path.exists, path):
                 raise ConfigError(f"kubeconfig '{path}' does not exist: fix {KUBECONFIG.flag} / "
                                   f"{KUBECONFIG.env} or KUBECONFIG")
             await config.load_kube_config(config_file=path)

@@ -97,6 +97,12 @@ def build_csi_server(endpoint: str, probe: Callable[[], Awaitable[None]],
     return csi
 
 
+async def cancel_and_wait(task: asyncio.Task, grace: float = 10.0) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(task, grace)
+
+
 async def stop_and_wait(task: asyncio.Task, stop: asyncio.Event, grace: float = 10.0) -> None:
     stop.set()
     try:

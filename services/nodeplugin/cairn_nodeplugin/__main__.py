@@ -1,58 +1,122 @@
-"""Entry point of `cairn-nodeplugin`: CSI Identity (+ Node service) on a unix socket and the
-HTTP /healthz liveness endpoint that calls Probe."""
+"""Entry point of `cairn-nodeplugin`: CSI Identity + Node on a unix socket, kubelet plugin
+registration, the HTTP /healthz liveness endpoint calling Probe, the watcher that repairs dead
+mounts, and the capacity reports of the local root."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+from pathlib import Path
 
 from cairn import config
 from cairn.csi.health import Healthz
 from cairn.csi.identity import NODE_CAPABILITIES, Identity
-from cairn.errors import FailedPrecondition
+from cairn.errors import ConfigError
+from cairn.rpc.channel import parse_endpoint
 from cairn.rpc.gen import csi_pb2_grpc
 from cairn.rpc.server import RpcServer
 from cairn.service import entry, open_runtime, wait_forever
 from cairn.telemetry.grpc_otel import server_interceptors
 from cairn.telemetry.metrics import start_metrics_server
+from cairn_nodeplugin.mounts import Keeper, MountProcesses
+from cairn_nodeplugin.node import CapacityReporter, FileSystems, NodeConfig, NodeService, readiness
+from cairn_nodeplugin.registration import Registrar
+from cairn_nodeplugin.state import StateFile, Table
 
 log = logging.getLogger("cairn_nodeplugin")
 PROG = "cairn-nodeplugin"
 CSI_ENDPOINT = config.Setting("csi_endpoint", config.CSI_ENDPOINT.help,
                               "unix:///csi/csi.sock", schemes=("unix",))
-SETTINGS = config.COMMON + (CSI_ENDPOINT, config.NODE_ID, config.HEALTH_ADDR,
-                            config.KUBELET_DIR, config.REGISTRATION_DIR)
+META_URL = config.Setting(
+    "meta_url", "Redis of the Cairn file system shared volumes live in "
+    "(redis://[:password@]host:port/db); a volume may name another by the NodeStage secret "
+    "'metaurl' (empty: only those)", None, schemes=("redis", "rediss", "unix"))  # fmt: skip
+KUBELET_REGISTRATION_PATH = config.Setting(
+    "kubelet_registration_path", "the CSI socket's path as kubelet sees it, given at "
+    "registration (default: the --csi-endpoint path)", None)  # fmt: skip
+LOCAL_ROOT = config.Setting("local_root", "directory local volumes are made in (default: "
+                            "<data-dir>/cairn-nodeplugin/local-volumes)", None)  # fmt: skip
+MAX_VOLUMES = config.Setting("max_volumes_per_node", "volumes this node takes (0: no limit)",
+                             0, int)  # fmt: skip
+WATCH_INTERVAL = config.Setting("watch_interval", "seconds between looks at the mounts (a dead "
+                                "mount process is restarted)", 1.0, float)  # fmt: skip
+CAPACITY_INTERVAL = config.Setting("capacity_interval", "seconds between looks at the local "
+                                   "root's free space (reported when it changed)", 60.0, float)  # fmt: skip
+SETTINGS = config.COMMON + (CSI_ENDPOINT, config.NODE_ID, config.HEALTH_ADDR, config.KUBELET_DIR,
+                            config.REGISTRATION_DIR, KUBELET_REGISTRATION_PATH, META_URL,
+                            LOCAL_ROOT, MAX_VOLUMES, WATCH_INTERVAL, CAPACITY_INTERVAL)  # fmt: skip
 
 
-async def probe() -> None:
-    """Ready when this node can mount FUSE file systems."""
-    if not os.path.exists("/dev/fuse"):
-        raise FailedPrecondition("/dev/fuse is missing: run privileged with /dev/fuse")
+def node_config(cfg: dict, data: Path) -> NodeConfig:
+    """The node's settings with kubelet's directory and the local root made and resolved."""
+    dirs = {}
+    for name, path in (("kubelet_dir", cfg["kubelet_dir"]),
+                       ("local_root", cfg.get("local_root") or data / "local-volumes")):  # fmt: skip
+        try:
+            os.makedirs(path, mode=0o750, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--{name.replace('_', '-')} {path}: {error.strerror}") from None
+        dirs[name] = os.path.realpath(path)
+    if cfg["max_volumes_per_node"] < 0:
+        raise ConfigError("--max-volumes-per-node must not be negative")
+    return NodeConfig(node_id=cfg["node_id"], kubelet_dir=dirs["kubelet_dir"],
+                      local_root=dirs["local_root"], meta_url=cfg.get("meta_url") or None,
+                      max_volumes=cfg["max_volumes_per_node"])  # fmt: skip
 
 
 async def run(cfg: dict) -> None:
     health = config.check_addr(config.HEALTH_ADDR, cfg.get("health_addr") or "")
     cfg["node_id"] = cfg.get("node_id") or os.uname().nodename
+    data = Path(cfg.get("data_dir") or ".cairn").resolve() / PROG
+    node_cfg = node_config(cfg, data)
+    kubelet_path = cfg.get("kubelet_registration_path") or parse_endpoint(
+        cfg["csi_endpoint"]).path  # fmt: skip
     runtime = await open_runtime(cfg)
-    csi = RpcServer(cfg["csi_endpoint"], interceptors=server_interceptors())
-    csi.add(csi_pb2_grpc.add_IdentityServicer_to_server, Identity(NODE_CAPABILITIES, probe))
-    healthz = Healthz(cfg["csi_endpoint"], *health) if health else None
-    metrics = start_metrics_server(cfg.get("metrics_addr"))
-    try:
-        await csi.start()
-        if healthz is not None:
-            await healthz.start()
-        await runtime.announce_started()
-        log.info("cairn-nodeplugin ready on %s as node %s", cfg["csi_endpoint"], cfg["node_id"])
-        await wait_forever()
-    finally:
-        if healthz is not None:
-            await healthz.stop()
-        await csi.stop(grace=2)
-        await runtime.announce_stopped()
-        await runtime.close()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(runtime.close)
+        filesystems = FileSystems()
+        stack.push_async_callback(filesystems.close)
+        keeper = Keeper(Table(StateFile(data / "volumes.json")), MountProcesses(data),
+                        runtime.events, node_cfg.node_id, node_cfg.meta_url)  # fmt: skip
+        keeper.restore()  # the volumes staged before a restart: served on, repaired if dead
+        csi = RpcServer(cfg["csi_endpoint"], interceptors=server_interceptors())
+        csi.add(csi_pb2_grpc.add_IdentityServicer_to_server,
+                Identity(NODE_CAPABILITIES, readiness(node_cfg, keeper, filesystems)))
+        csi.add(csi_pb2_grpc.add_NodeServicer_to_server, NodeService(node_cfg, keeper, filesystems))
+        metrics = start_metrics_server(cfg.get("metrics_addr"))
         if metrics is not None:
-            metrics.stop()
+            stack.callback(metrics.stop)
+        stack.push_async_callback(runtime.announce_stopped)
+        await csi.start()
+        stack.push_async_callback(csi.stop, 2)
+        for job in (keeper.watch(cfg["watch_interval"]),
+                    CapacityReporter(node_cfg, runtime.events, cfg["capacity_interval"]).run()):
+            stack.push_async_callback(cancel_and_wait, asyncio.create_task(job))
+        if health:
+            healthz = Healthz(cfg["csi_endpoint"], *health)
+            await healthz.start()
+            stack.push_async_callback(healthz.stop)
+        registrar = None
+        if cfg.get("registration_dir"):
+            registrar = Registrar(cfg["registration_dir"], kubelet_path)
+            await registrar.start()
+            stack.push_async_callback(registrar.stop)
+        await runtime.announce_started()
+        log.info("cairn-nodeplugin ready on %s as node %s (kubelet dir %s, local root %s)",
+                 cfg["csi_endpoint"], node_cfg.node_id, node_cfg.kubelet_dir,
+                 node_cfg.local_root)  # fmt: skip
+        if registrar is not None:
+            await registrar.refused()  # raises: the process ends non-zero, kubelet retries
+        else:
+            await wait_forever()
+
+
+async def cancel_and_wait(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def main() -> None:

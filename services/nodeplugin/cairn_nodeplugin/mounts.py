@@ -119,9 +119,9 @@ def mounts_below(root: str) -> list[str]:
 # -- looking at paths without hanging ---------------------------------------------------------
 
 
-async def in_thread(fn: Callable[[], Any], timeout: float = STAT_TIMEOUT) -> Any:
+async def in_thread(fn: Callable[[], Any], seconds: float = STAT_TIMEOUT) -> Any:
     """Runs a blocking call in a daemon thread (never joined: a syscall stuck in a dead FUSE
-    mount must not hold the loop or the exit); DeadlineExceeded after `timeout`."""
+    mount must not hold the loop or the exit); DeadlineExceeded after `seconds`."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
 
@@ -143,15 +143,15 @@ async def in_thread(fn: Callable[[], Any], timeout: float = STAT_TIMEOUT) -> Any
 
     threading.Thread(target=work, name="cairn-nodeplugin-stat", daemon=True).start()
     try:
-        return await asyncio.wait_for(future, timeout)
+        return await asyncio.wait_for(future, seconds)
     except TimeoutError:
-        raise DeadlineExceeded(f"no answer within {timeout:g}s") from None
+        raise DeadlineExceeded(f"no answer within {seconds:g}s") from None
 
 
-async def path_problem(path: str, timeout: float = STAT_TIMEOUT) -> str:
+async def path_problem(path: str, seconds: float = STAT_TIMEOUT) -> str:
     """Why `path` does not answer stat ("" when it does)."""
     try:
-        await in_thread(lambda: os.stat(path), timeout)
+        await in_thread(lambda: os.stat(path), seconds)
     except DeadlineExceeded:
         return f"{path} does not answer (stat hangs)"
     except OSError as error:
@@ -161,12 +161,12 @@ async def path_problem(path: str, timeout: float = STAT_TIMEOUT) -> str:
     return ""
 
 
-async def statvfs(path: str, timeout: float = STAT_TIMEOUT) -> os.statvfs_result:
-    return await in_thread(lambda: os.statvfs(path), timeout)
+async def statvfs(path: str, seconds: float = STAT_TIMEOUT) -> os.statvfs_result:
+    return await in_thread(lambda: os.statvfs(path), seconds)
 
 
-async def realpath(path: str, timeout: float = STAT_TIMEOUT) -> str:
-    return await in_thread(lambda: os.path.realpath(path), timeout)
+async def realpath(path: str, seconds: float = STAT_TIMEOUT) -> str:
+    return await in_thread(lambda: os.path.realpath(path), seconds)
 
 
 async def make_dir(path: str, mode: int = 0o750) -> None:
@@ -194,19 +194,19 @@ async def remove_dir(path: str) -> None:
 # -- mount and umount -------------------------------------------------------------------------
 
 
-async def run(*argv: str, timeout: float = 60.0, env: dict[str, str] | None = None,
+async def run(*argv: str, seconds: float = 60.0, env: dict[str, str] | None = None,
               ) -> tuple[int, str, str]:  # fmt: skip
-    """Runs a command; (exit code, stdout, stderr). The command is killed after `timeout`."""
+    """Runs a command; (exit code, stdout, stderr). The command is killed after `seconds`."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(), seconds)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise DeadlineExceeded(f"{argv[0]} did not finish within {timeout:g}s") from None
+        raise DeadlineExceeded(f"{argv[0]} did not finish within {seconds:g}s") from None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
@@ -280,8 +280,8 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
-async def wait_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
+async def wait_exit(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
     while alive(pid):
         if time.monotonic() > deadline:
             return False
@@ -289,9 +289,9 @@ async def wait_exit(pid: int, timeout: float) -> bool:
     return True
 
 
-async def terminate(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM (a mount process flushes and unmounts), then SIGKILL after `timeout`."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+async def terminate(pid: int, seconds: float = 10.0) -> None:
+    """SIGTERM (a mount process flushes and unmounts), then SIGKILL after `seconds`."""
+    for sig, wait in ((signal.SIGTERM, seconds), (signal.SIGKILL, 5.0)):
         if not alive(pid):
             return
         with contextlib.suppress(ProcessLookupError):
@@ -341,7 +341,7 @@ class MountProcesses:
         if read_only:
             argv.append("--read-only")
         env = {**os.environ, "CAIRN_RUN_DIR": str(self.run_dir)}
-        code, out, err = await run(*argv, timeout=START_TIMEOUT, env=env)
+        code, out, err = await run(*argv, seconds=START_TIMEOUT, env=env)
         if code != 0:
             raise _start_error(code, scrub(last_line(err or out), meta_url), volume_id)
         pid = self.pid_of(staging) or _pid_from(out)
@@ -350,15 +350,15 @@ class MountProcesses:
         log.info("volume %s mounted at %s by process %d", volume_id, staging, pid)
         return pid
 
-    async def stop(self, staging: str, pid: int, timeout: float = STOP_TIMEOUT) -> None:
+    async def stop(self, staging: str, pid: int, seconds: float = STOP_TIMEOUT) -> None:
         """Unmounts `staging` and waits for its process to flush and exit (SIGTERM, then
         SIGKILL, when it does not)."""
         entry = mounted_at(staging)
         if entry is not None:
             dead = bool(await path_problem(staging))
             await unmount(staging, lazy=dead)
-        if pid and not await wait_exit(pid, timeout):
-            log.warning("mount process %d still runs %gs after its unmount", pid, timeout)
+        if pid and not await wait_exit(pid, seconds):
+            log.warning("mount process %d still runs %gs after its unmount", pid, seconds)
             await terminate(pid)
 
     @staticmethod

@@ -39,7 +39,6 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,12 +71,10 @@ from cairn_nodeplugin.state import Target, Volume
 log = logging.getLogger(__name__)
 
 TOPOLOGY_KEY = "topology.csi.cairn.io/node"  # the controller places local volumes by it
-SECRET_META_URL = "metaurl"
+SECRET_META_URL = mounts.SECRET_META_URL
 META_SCHEMES = ("redis", "rediss", "unix")
 FS_TYPES = frozenset({"", "fuse", "cairn", "fuse.cairn"})
 VOLUME_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-LOCAL_MODE = 0o777  # pods run as any user; the volume is theirs alone
-RETRY_MAX = 30.0  # seconds between recovery attempts of a mount that keeps failing
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
@@ -539,7 +536,7 @@ def readiness(cfg: NodeConfig, keeper: mounts.Keeper, filesystems: FileSystems):
     and no staged volume is broken beyond what the watcher could repair."""
 
     async def probe() -> None:
-        if not os.path.exists("/dev/fuse"):
+        if not await mounts.in_thread(lambda: os.path.exists("/dev/fuse")):
             raise FailedPrecondition("/dev/fuse is missing: run privileged with /dev/fuse")
         if cfg.meta_url:
             await filesystems.ping(cfg.meta_url)
@@ -582,8 +579,9 @@ class CapacityReporter:
 
     async def report(self, force: bool = False) -> bool:
         """Appends a report when it is due; whether one was appended."""
-        Path(self.cfg.local_root).mkdir(parents=True, exist_ok=True)
-        st = await mounts.statvfs(self.cfg.local_root)
+        root = self.cfg.local_root
+        await mounts.in_thread(lambda: os.makedirs(root, mode=0o755, exist_ok=True))
+        st = await mounts.statvfs(root)
         capacity, available = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
         if not force and self._last is not None and self._quiet < self.every:
             old_capacity, old_available = self._last
