@@ -1,15 +1,20 @@
 """The local Cairn stack behind `cairn dev up|down|status` and the README's main job.
 
-Starts nats-server (JetStream) and redis-server on free or given ports, then every Cairn
-service that runs without Kubernetes (cairn-meta, cairn-nodeplugin), all as detached child
-processes. Their endpoints and PIDs go to <state dir>/endpoints.json; `down` stops exactly
-those PIDs (after checking each still runs the command it started) and nothing else.
+Starts nats-server (JetStream) and redis-server on free or given ports, formats a file system
+(`dev`, data in <state dir>/objects) for shared volumes, then every Cairn service that runs
+without Kubernetes (cairn-meta, cairn-nodeplugin with <state dir>/kubelet as kubelet's
+directory), all as detached child processes. Their endpoints and PIDs go to
+<state dir>/endpoints.json; `down` unmounts what the node plugin mounted below the stack's
+kubelet directory (its mount processes then exit) and stops exactly those PIDs (after
+checking each still runs the command it started) and nothing else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +39,8 @@ class Stack:
     node_csi: str = ""
     health_addr: str = ""
     node_id: str = ""
+    kubelet_dir: str = ""
+    fs_name: str = ""
     processes: dict[str, dict] = field(default_factory=dict)  # name -> {pid, argv0, log}
 
     def env(self) -> dict[str, str]:
@@ -116,6 +123,8 @@ def _start_all(stack: Stack, state: Path, nats_port, redis_port, say) -> None:
     objects = state / "objects"
     objects.mkdir(exist_ok=True)
     stack.storage_url = f"file://{objects}"
+    _format_dev_fs(stack)
+    say(f"file system   {stack.fs_name!r} in {stack.meta_url}, data in {stack.storage_url}")
     admin_port = free_port()
     stack.admin_addr = f"127.0.0.1:{admin_port}"
     stack.controller_csi = f"unix://{state / 'sockets' / 'controller.sock'}"
@@ -131,14 +140,37 @@ def _start_all(stack: Stack, state: Path, nats_port, redis_port, say) -> None:
     health_port = free_port()
     stack.health_addr = f"127.0.0.1:{health_port}"
     stack.node_csi = f"unix://{state / 'sockets' / 'node.sock'}"
+    stack.kubelet_dir = str(state / "kubelet")
     node = Server("cairn-nodeplugin", _service_argv(
         "cairn_nodeplugin", *common, "--csi-endpoint", stack.node_csi,
         "--node-id", stack.node_id, "--health-addr", stack.health_addr,
-        "--kubelet-dir", str(state / "kubelet")), logs / "cairn-nodeplugin.log")
+        "--kubelet-dir", stack.kubelet_dir, "--meta-url", stack.meta_url,
+        "--local-root", str(state / "local-volumes")), logs / "cairn-nodeplugin.log")
     node.start(lambda: port_open("127.0.0.1", health_port))
     _track(stack, node, "cairn_nodeplugin")
     say(f"cairn-nodeplugin  CSI {stack.node_csi}, /healthz on {stack.health_addr}  "
         f"(pid {node.pid})")
+
+
+def _format_dev_fs(stack: Stack) -> None:
+    """Formats the stack's file system (the home of shared volumes) unless it is there, with
+    the settings `mount_volume` uses. In a thread of its own: `up` may run inside an event loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cairn.meta.engine import Format, format_volume
+
+    stack.fs_name = DEV_VOLUME
+    fmt = Format(name=DEV_VOLUME, storage=stack.storage_url)
+    with ThreadPoolExecutor(1, thread_name_prefix="cairn-dev-format") as pool:
+        pool.submit(lambda: asyncio.run(format_volume(stack.meta_url, fmt))).result(timeout=120)
+
+
+def _unmount_leftover(mountpoint: str) -> None:
+    """A mount whose process died leaves ENOTCONN behind: detach it."""
+    from cairn.fuse.mount import fusermount_unmount, is_mounted
+
+    if is_mounted(mountpoint):
+        fusermount_unmount(mountpoint, lazy=True)
 
 
 def down(state_dir: str | Path, say: Callable[[str], None] = print) -> list[str]:
@@ -146,12 +178,78 @@ def down(state_dir: str | Path, say: Callable[[str], None] = print) -> list[str]
     stack = load(state_dir)
     if stack is None:
         raise FailedPrecondition(f"no local stack in {state_dir}: nothing to stop")
+    if stack.kubelet_dir:
+        for mountpoint in _mounts_below(stack.kubelet_dir):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True, timeout=60,
+                           check=False)  # fmt: skip
+            say(f"unmounted {mountpoint}")
     stopped = []
     for name, info in reversed(list(stack.processes.items())):
         if _runs(info):
-            stop_pid(info["pid"])
+            stop_pid(info["pid"], timeout=60 if "mountpoint" in info else 10)
             stopped.append(name)
             say(f"stopped {name} (pid {info['pid']})")
+        if "mountpoint" in info:
+            _unmount_leftover(info["mountpoint"])
     stack.processes = {}
     stack.save()
     return stopped
+
+
+DEV_VOLUME = "dev"
+
+
+def mount_volume(state_dir: str | Path, say: Callable[[str], None] = print) -> Path:
+    """Formats the stack's volume (once) and mounts it at <state>/mnt in the background.
+
+    The mount process is tracked like the servers, last, so `down` unmounts it first
+    (SIGTERM flushes and unmounts); returns the mountpoint.
+    """
+    import asyncio
+
+    from cairn.fuse.mount import is_mounted
+
+    stack = load(state_dir)
+    if stack is None or not stack.processes:
+        raise FailedPrecondition(f"no local stack in {state_dir}: run `cairn dev up` first")
+    state = Path(stack.state_dir)
+    mountpoint = state / "mnt"
+    mount = stack.processes.get("cairn-mount")
+    if mount and _runs(mount) and is_mounted(str(mountpoint)):
+        return mountpoint
+    asyncio.run(_format(stack.meta_url, stack.storage_url))
+    mountpoint.mkdir(exist_ok=True)
+    run = state / "run"
+    log = state / "logs" / "cairn-mount.log"
+    env = {**os.environ, "CAIRN_RUN_DIR": str(run)}
+    argv = [sys.executable, "-m", "cairn.cli.main", "mount", stack.meta_url, str(mountpoint),
+            "--background", "--log", str(log), "--cache-dir", str(state / "cache")]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise FailedPrecondition(done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+                                 else f"cairn mount failed with code {done.returncode}")
+    from cairn.fuse.mount import mount_slug
+
+    pid = int((run / f"{mount_slug(str(mountpoint))}.pid").read_text().split()[0])
+    stack.processes["cairn-mount"] = {"pid": pid, "match": "mount", "log": str(log),
+                                      "mountpoint": str(mountpoint)}
+    stack.save()
+    say(f"cairn mount   volume {DEV_VOLUME!r} at {mountpoint}  (pid {pid})")
+    return mountpoint
+
+
+async def _format(meta_url: str, storage_url: str) -> None:
+    from cairn.meta.engine import Format, format_volume
+
+    await format_volume(meta_url, Format(name=DEV_VOLUME, storage=storage_url))
+
+
+def _mounts_below(root: str) -> list[str]:
+    """Mountpoints below `root` (from /proc/self/mountinfo), deepest first."""
+    prefix = os.path.realpath(root).rstrip("/") + "/"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            points = {line.split()[4].replace("\\040", " ") for line in f}
+    except OSError:
+        return []
+    return sorted((p for p in points if p.startswith(prefix)), key=lambda p: -p.count("/"))

@@ -93,10 +93,13 @@ def test_down_without_stack_is_one_line(tmp_path):
 
 def test_demo_once_shows_everything_and_cleans_up(tmp_path):
     state = tmp_path / "demo"
-    result = cairn("demo", "--once", "--state-dir", str(state), timeout=120)
+    result = cairn("demo", "--once", "--state-dir", str(state), "--big-mib", "16", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "CSI Probe controller" in result.stdout and "ready" in result.stdout
     assert "/healthz: 200" in result.stdout
     assert "ServiceStarted" in result.stdout
+    assert "identical to the source" in result.stdout and "sha256 matches" in result.stdout
+    assert "stopped cairn-mount" in result.stdout
     info = json.loads((state / "endpoints.json").read_text())
     assert info["processes"] == {}
+    assert str(state / "mnt") not in Path("/proc/self/mountinfo").read_text()

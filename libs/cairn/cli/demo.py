@@ -1,8 +1,10 @@
 """`cairn demo`: the README's main job: a local Cairn stack, shown working.
 
 Starts the stack (`cairn dev up`), asks every service whether it is alive over the wire
-(admin API, CSI Probe on both unix sockets, HTTP /healthz), prints the events they wrote,
-then follows the stream until Ctrl-C and stops exactly what it started.
+(admin API, CSI Probe on both unix sockets, HTTP /healthz), formats and mounts a volume
+(local Redis, file:// storage in the state directory), writes and reads a data set in it,
+shows the mount's statistics and the events on the stream, then keeps it mounted until
+Ctrl-C (or `cairn dev down`) and stops exactly what it started.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import asyncio
 import os
 import urllib.request
+from pathlib import Path
 
 from cairn import devstack
 from cairn.cli.dev import DEFAULT_STATE
@@ -23,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--state-dir", default=DEFAULT_STATE, help=f"default {DEFAULT_STATE}")
     demo.add_argument("--once", action="store_true",
                       help="stop the stack after showing it instead of waiting for Ctrl-C")
+    demo.add_argument("--big-mib", type=int, default=256,
+                      help="size of the large file written and read back (default 256)")
     demo.set_defaults(handler=_demo)
 
 
@@ -83,7 +88,24 @@ async def show_events(nats_url: str, follow: bool) -> None:
         await bus.close()
 
 
+def show_mount(mountpoint) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    fs = os.statvfs(mountpoint)
+    used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+    print(f"{mountpoint}: {used / (1 << 20):.1f} MiB used, {fs.f_files - fs.f_ffree} inodes")
+    cairn = shutil.which("cairn", path=os.path.dirname(sys.executable)) or "cairn"
+    shown = subprocess.run([cairn, "stats", "--once", str(mountpoint)], capture_output=True,
+                           text=True, timeout=30)
+    print(shown.stdout.rstrip() if shown.returncode == 0 else
+          f"(cairn stats: {shown.stderr.strip() or 'unavailable'})")
+
+
 async def _demo(args) -> int:
+    from cairn import workload
+
     step("starting the local stack (cairn dev up)")
     stack = await asyncio.to_thread(devstack.up, args.state_dir)
     try:
@@ -93,13 +115,21 @@ async def _demo(args) -> int:
             if healthy:
                 break
             await asyncio.sleep(0.2)
+        step("formatting and mounting a volume (cairn format, cairn mount)")
+        mountpoint = await asyncio.to_thread(devstack.mount_volume, args.state_dir)
+        step("doing real work in the mount")
+        source = Path(__file__).resolve().parents[1]  # the cairn package itself
+        await asyncio.to_thread(workload.run, mountpoint, source, args.big_mib)
+        step("the mount's statistics (cairn stats --once)")
+        await asyncio.to_thread(show_mount, mountpoint)
         step("events on the stream (JetStream CAIRN_EVENTS)")
         if args.once:
             await show_events(stack.nats_url, follow=False)
         else:
             env = os.path.join(stack.state_dir, devstack.ENV_FILE)
-            print(f"(following; in another shell: `source {env}` and use cairn, "
-                  "or `cairn dev down` to stop; Ctrl-C here stops the stack)", flush=True)
+            print(f"(the volume stays mounted at {mountpoint}; in another shell: `source {env}` "
+                  "and use cairn, or `cairn dev down` to stop; Ctrl-C here stops it all)",
+                  flush=True)
             await show_events(stack.nats_url, follow=True)
         return 0 if healthy else 1
     finally:

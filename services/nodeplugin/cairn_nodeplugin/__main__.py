@@ -27,8 +27,9 @@ from cairn_nodeplugin.state import StateFile, Table
 
 log = logging.getLogger("cairn_nodeplugin")
 PROG = "cairn-nodeplugin"
-CSI_ENDPOINT = config.Setting("csi_endpoint", config.CSI_ENDPOINT.help,
-                              "unix:///csi/csi.sock", schemes=("unix",))
+CSI_ENDPOINT = config.Setting(
+    "csi_endpoint", config.CSI_ENDPOINT.help, "unix:///csi/csi.sock", schemes=("unix",)
+)
 META_URL = config.Setting(
     "meta_url", "Redis of the Cairn file system shared volumes live in "
     "(redis://[:password@]host:port/db); a volume may name another by the NodeStage secret "
@@ -47,6 +48,12 @@ CAPACITY_INTERVAL = config.Setting("capacity_interval", "seconds between looks a
 SETTINGS = config.COMMON + (CSI_ENDPOINT, config.NODE_ID, config.HEALTH_ADDR, config.KUBELET_DIR,
                             config.REGISTRATION_DIR, KUBELET_REGISTRATION_PATH, META_URL,
                             LOCAL_ROOT, MAX_VOLUMES, WATCH_INTERVAL, CAPACITY_INTERVAL)  # fmt: skip
+
+
+def data_dir(cfg: dict) -> Path:
+    """The plugin's own directory: state file, mount logs, caches, PID files (absolute: the
+    mount processes run from /)."""
+    return Path(cfg.get("data_dir") or ".cairn").resolve() / PROG
 
 
 def node_config(cfg: dict, data: Path) -> NodeConfig:
@@ -69,7 +76,7 @@ def node_config(cfg: dict, data: Path) -> NodeConfig:
 async def run(cfg: dict) -> None:
     health = config.check_addr(config.HEALTH_ADDR, cfg.get("health_addr") or "")
     cfg["node_id"] = cfg.get("node_id") or os.uname().nodename
-    data = Path(cfg.get("data_dir") or ".cairn").resolve() / PROG
+    data = data_dir(cfg)
     node_cfg = node_config(cfg, data)
     kubelet_path = cfg.get("kubelet_registration_path") or parse_endpoint(
         cfg["csi_endpoint"]).path  # fmt: skip
@@ -82,8 +89,10 @@ async def run(cfg: dict) -> None:
                         runtime.events, node_cfg.node_id, node_cfg.meta_url)  # fmt: skip
         keeper.restore()  # the volumes staged before a restart: served on, repaired if dead
         csi = RpcServer(cfg["csi_endpoint"], interceptors=server_interceptors())
-        csi.add(csi_pb2_grpc.add_IdentityServicer_to_server,
-                Identity(NODE_CAPABILITIES, readiness(node_cfg, keeper, filesystems)))
+        csi.add(
+            csi_pb2_grpc.add_IdentityServicer_to_server,
+            Identity(NODE_CAPABILITIES, readiness(node_cfg, keeper, filesystems)),
+        )
         csi.add(csi_pb2_grpc.add_NodeServicer_to_server, NodeService(node_cfg, keeper, filesystems))
         metrics = start_metrics_server(cfg.get("metrics_addr"))
         if metrics is not None:
@@ -91,8 +100,10 @@ async def run(cfg: dict) -> None:
         stack.push_async_callback(runtime.announce_stopped)
         await csi.start()
         stack.push_async_callback(csi.stop, 2)
-        for job in (keeper.watch(cfg["watch_interval"]),
-                    CapacityReporter(node_cfg, runtime.events, cfg["capacity_interval"]).run()):
+        for job in (
+            keeper.watch(cfg["watch_interval"]),
+            CapacityReporter(node_cfg, runtime.events, cfg["capacity_interval"]).run(),
+        ):
             stack.push_async_callback(cancel_and_wait, asyncio.create_task(job))
         if health:
             healthz = Healthz(cfg["csi_endpoint"], *health)
@@ -120,8 +131,12 @@ async def cancel_and_wait(task: asyncio.Task) -> None:
 
 
 def main() -> None:
-    entry(PROG, "Cairn node plugin: CSI Identity + Node service, kubelet registration and "
-          "liveness.", SETTINGS, run)
+    entry(
+        PROG,
+        "Cairn node plugin: CSI Identity + Node service, kubelet registration and liveness.",
+        SETTINGS,
+        run,
+    )
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ async def plugin_name(csi_endpoint: str, wait: float = 60.0) -> str:
             async with connect(csi_endpoint, ready_timeout=2.0) as channel:
                 with translate_rpc_errors(csi_endpoint):
                     info = await csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(
-                        csi_pb2.GetPluginInfoRequest(), timeout=5)
+                        csi_pb2.GetPluginInfoRequest(), timeout=5
+                    )
             return info.name
         except UnavailableError as error:
             if loop.time() > deadline:
