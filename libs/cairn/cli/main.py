@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from cairn import __version__
 from cairn.errors import CairnError, exit_code
 
-COMMAND_MODULES = ("dev", "demo", "events", "probe", "fs", "bench", "mount")
+COMMAND_MODULES = ("dev", "demo", "events", "probe", "fs", "bench", "mount", "volume")
 
 
 def build_parser() -> argparse.ArgumentParser:
