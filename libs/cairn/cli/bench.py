@@ -1,8 +1,8 @@
-"""`cairn bench events|core`: measure the event store and the file system on this machine.
+"""`cairn bench events|core|fs`: measure the event store and the file system on this machine.
 
-Both bring up what they need as private child processes on free ports (nats-server for
-events unless --nats-url is given; redis-server and a file:// store for core) and stop
-them, by PID, when done.
+They bring up what they need as private child processes on free ports (nats-server for
+events unless --nats-url is given; redis-server and a file:// store for core, and for fs
+without DIR a background mount too) and stop them, by PID, when done.
 """
 
 from __future__ import annotations
@@ -124,6 +124,54 @@ def register(sub: argparse._SubParsersAction) -> None:
     core.add_argument("--json", action="store_true", help="print the result as JSON")
     core.set_defaults(handler=_core)
 
+    provision = cmds.add_parser(
+        "provision",
+        help="PVCs from creation to Bound (cairn-provisioner)",
+        description="Create N PVCs at once and time each until Bound. Without --kubeconfig: "
+        "a private nats-server, redis-server and cairn-meta, the provisioner in-process "
+        "against the in-memory Kubernetes API; with it: a real cluster's StorageClass.",
+    )
+    provision.add_argument("--count", type=_positive, default=100, metavar="N",
+                           help="PVCs to create (default 100)")
+    provision.add_argument("--kubeconfig", default=None, metavar="PATH",
+                           help="measure against this cluster instead")
+    provision.add_argument("--storage-class", default="cairn", metavar="NAME",
+                           help="StorageClass in the cluster (default cairn)")
+    provision.add_argument("--namespace", default="default", metavar="NS",
+                           help="namespace of the PVCs in the cluster (default default)")
+    provision.add_argument("--json", action="store_true", help="print the result as JSON")
+    provision.set_defaults(handler=_provision)
+    _register_fs(cmds)
+
+
+def _register_fs(cmds: argparse._SubParsersAction) -> None:
+    fs = cmds.add_parser(
+        "fs",
+        help="a Cairn mount vs a local directory, through the kernel (FUSE)",
+        description="Measure, with system calls, sequential write/read of one file (1 MiB "
+        "requests, cold read), 4 KiB random reads and create/stat/unlink of small files, "
+        "in DIR (a directory on a running Cairn mount) and in a local directory; print "
+        "both, their ratio, the targets, and which cache tier served Cairn's reads. "
+        "Without DIR a private redis-server, file:// volume and background mount are "
+        "made for the run and removed afterwards. Sizes take K, M, G suffixes.",
+    )
+    fs.add_argument("dir", nargs="?", default=None, metavar="DIR",
+                    help="a directory on a Cairn mount (default: a private mount)")  # fmt: skip
+    fs.add_argument("--size", type=_size, default="1G", metavar="SIZE",
+                    help="size of the sequentially written file (default 1G)")  # fmt: skip
+    fs.add_argument("--files", type=_positive, default=10_000, metavar="N",
+                    help="files to create, stat and unlink (default 10000)")  # fmt: skip
+    fs.add_argument("--random-reads", type=_positive, default=5000, metavar="N",
+                    help="4 KiB random reads to time (default 5000)")  # fmt: skip
+    fs.add_argument("--local-dir", default=None, metavar="LOCALDIR",
+                    help="local directory for the comparison (and the private volume's "
+                    f"store, cache and redis data; default {tempfile.gettempdir()})")  # fmt: skip
+    fs.add_argument("--mount-option", action="append", default=[], metavar="FLAG",
+                    help="a `cairn mount` flag for the private mount (repeatable), e.g. "
+                    "--mount-option=--writeback-cache")  # fmt: skip
+    fs.add_argument("--json", action="store_true", help="print the result as JSON")
+    fs.set_defaults(handler=_fs)
+
 
 async def _events(args) -> int:
     from cairn.bench import events as bench
@@ -162,4 +210,37 @@ async def _core(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         core.print_report(result)
+    return 0
+
+
+async def _fs(args) -> int:
+    from cairn.bench import fs
+
+    result = await fs.run(
+        args.dir,
+        size=args.size,
+        files=args.files,
+        random_reads_count=args.random_reads,
+        local_dir=args.local_dir,
+        mount_args=args.mount_option,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        fs.print_report(result)
+    return 0
+
+
+async def _provision(args) -> int:
+    from cairn.bench import provision
+
+    if args.kubeconfig:
+        result = await provision.run_cluster(args.count, args.kubeconfig, args.storage_class,
+                                             args.namespace)
+    else:
+        result = await provision.run_memory(args.count)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        provision.print_report(result)
     return 0

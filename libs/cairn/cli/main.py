@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from cairn import __version__
 from cairn.errors import CairnError, exit_code
 
-COMMAND_MODULES = ("dev", "demo", "events", "probe", "fs", "bench", "mount", "volume")
+COMMAND_MODULES = ("dev", "demo", "events", "probe", "fs", "bench", "mount", "volume", "stats",
+                   "warmup")
 
 
 def build_parser() -> argparse.ArgumentParser:

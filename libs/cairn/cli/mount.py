@@ -92,6 +92,25 @@ def _register_mount(sub: argparse._SubParsersAction) -> None:
         help="FUSE requests served at once (default 128)",
     )
     p.add_argument(
+        "--kernel-readahead",
+        type=parse_size,
+        default="4M",
+        metavar="SIZE",
+        help="how far the kernel reads ahead of a sequential reader (root only; 0: the "
+        "kernel's 128K; default 4M)",
+    )
+    p.add_argument(
+        "--cache-writes",
+        action="store_true",
+        help="also keep written blocks in the disk cache (default: only blocks read)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+    )
+    p.add_argument(
         "-d",
         "--background",
         action="store_true",
@@ -142,6 +161,8 @@ def _config(args: argparse.Namespace) -> object:
         attr_timeout=args.attr_cache, entry_timeout=args.entry_cache,
         writeback_cache=args.writeback_cache, allow_other=args.allow_other,
         max_tasks=max(1, args.max_requests), log_file=args.log,
+        metrics_addr=args.metrics_addr, kernel_readahead=args.kernel_readahead,
+        cache_writes=args.cache_writes,
     )  # fmt: skip
 
 
@@ -151,12 +172,15 @@ def _child_argv(args: argparse.Namespace, log_path: Path) -> list[str]:
             "--cache-size", str(args.cache_size), "--buffer-size", str(args.buffer_size),
             "--attr-cache", repr(args.attr_cache), "--entry-cache", repr(args.entry_cache),
             "--max-requests", str(args.max_requests), "--log", str(log_path),
+            "--kernel-readahead", str(args.kernel_readahead),
             "--log-level", args.log_level]  # fmt: skip
     if args.subdir:
         argv += ["--subdir", args.subdir]
     if args.cache_dir:
         argv += ["--cache-dir", os.path.abspath(args.cache_dir)]
-    for flag in ("read_only", "writeback_cache", "allow_other"):
+    if args.metrics_addr:
+        argv += ["--metrics-addr", args.metrics_addr]
+    for flag in ("read_only", "writeback_cache", "allow_other", "cache_writes"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     return argv
@@ -181,6 +205,10 @@ async def _mount(args: argparse.Namespace) -> int:
     from cairn.fuse import mount
 
     check_meta_url(args.meta_url)
+    if args.metrics_addr:
+        from cairn.telemetry.metrics import parse_addr
+
+        parse_addr(args.metrics_addr)  # a typo fails here, in the caller's terminal
     if args.background:
         return _start_background(args)
     ready = mount.ReadyPipe(args.ready_fd)

@@ -28,7 +28,7 @@ from typing import Any
 from cairn import DRIVER_NAME
 from cairn.cli.fs import parse_size
 from cairn.config import NATS_URL
-from cairn.errors import ConfigError, InvalidArgument
+from cairn.errors import ConfigError, InvalidArgument, UnavailableError
 
 DEFAULT_STATE = os.environ.get("CAIRN_DEV_STATE", ".cairn/dev")
 DEFAULT_KUBELET = "/var/lib/kubelet"
@@ -212,9 +212,12 @@ class _Csi:
         self.endpoint = endpoint
 
     async def __aenter__(self) -> _Csi:
-        from cairn.rpc.channel import open_channel
+        from cairn.rpc.channel import open_channel, parse_endpoint
         from cairn.rpc.gen import csi_pb2_grpc
 
+        parsed = parse_endpoint(self.endpoint)
+        if parsed.is_unix and not _is_socket(parsed.path):
+            raise UnavailableError(f"no CSI server at {self.endpoint}: the socket is not there")
         self.channel = await open_channel(self.endpoint, ready_timeout=5.0)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
@@ -232,6 +235,15 @@ class _Csi:
 
 def _make_parent(path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _capability(mode_name: str) -> Any:

@@ -256,6 +256,28 @@ class MountRecovered(Event):
     targets: list = field(default_factory=list)
 
 
+@event
+class PersistentVolumeCreated(Event):
+    """cairn-provisioner wrote the PersistentVolume of a provisioned volume."""
+
+    aggregate = "volume"
+    pv: str
+    pvc: str = ""  # namespace/name of the claim
+    storage_class: str = ""
+    node: str = ""  # WaitForFirstConsumer: the node the scheduler picked
+    reclaim_policy: str = "Delete"
+
+
+@event
+class PersistentVolumeDeleted(Event):
+    """cairn-provisioner removed a released volume's PersistentVolume (Delete policy), or
+    let go of it (Retain: `volume_kept`, the data stays)."""
+
+    aggregate = "volume"
+    pv: str
+    volume_kept: bool = False
+
+
 # --- snapshots: events of their source volume (aggregate id: the source volume's id), so a
 # volume's history shows the snapshots taken of it ------------------------------------------
 

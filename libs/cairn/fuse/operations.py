@@ -61,6 +61,9 @@ ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 # write (to clear it, as it clears set-user-ID): answering "none" here saves a metadata
 # round trip per write.
 CAPABILITY_XATTR = b"security.capability"
+# Answered on every inode with the path of the mount's control socket, so `cairn stats`
+# finds it from any path inside the mount (cairn.fuse.control); never listed nor settable.
+CONTROL_XATTR = b"user.cairn.control"
 
 
 def fuse_errno(error: BaseException) -> int:
@@ -80,6 +83,8 @@ def _handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
     @functools.wraps(fn)
     async def run(self: Operations, *args: Any) -> T:
+        started = time.perf_counter()
+        failed = False  # ordinary answers (ENOENT, EEXIST...) are not failures
         try:
             return await fn(self, *args)
         except FUSEError:
@@ -89,15 +94,21 @@ def _handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             log.debug("%s%r: %s", op, args[:2], error)
             raise FUSEError(error.errno) from None
         except TemporaryError as error:
+            failed = True
             log.warning("%s failed (EIO): %s", op, error)
             raise FUSEError(errno.EIO) from None
         except CairnError as error:
+            failed = True
             code = fuse_errno(error)
             log.warning("%s failed (%s): %s", op, errno.errorcode.get(code, code), error)
             raise FUSEError(code) from None
         except Exception:
+            failed = True
             log.exception("%s%r: unexpected error (EIO)", op, args[:2])
             raise FUSEError(errno.EIO) from None
+        finally:
+            if self.observe is not None:
+                self.observe(op, time.perf_counter() - started, failed)
 
     return run
 
@@ -110,6 +121,10 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_acl = False
+    # Set by cairn.fuse.control: observe(op, seconds, failed) after every request, and
+    # the control socket's path.
+    observe: Callable[[str, float, bool], None] | None = None
+    control_path: bytes = b""
 
     def __init__(
         self,
@@ -397,6 +412,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if name == CONTROL_XATTR and self.control_path:
+            return self.control_path
         if name in ACL_XATTRS:
             raise FUSEError(errno.EOPNOTSUPP)
         if name == CAPABILITY_XATTR:
@@ -412,6 +429,8 @@ class Operations(pyfuse3.Operations):
         # pyfuse3 hands XATTR_CREATE / XATTR_REPLACE to getxattr first and drops the flags.
         if name in ACL_XATTRS or name == CAPABILITY_XATTR:
             raise FUSEError(errno.EOPNOTSUPP)
+        if name == CONTROL_XATTR:
+            raise FUSEError(errno.EPERM)
         await self.vfs.setxattr(self._ctx(ctx), inode, name, value)
 
     @_handler

@@ -5,7 +5,8 @@ mount back.
 A shared volume's mount process is started with `cairn mount --background` at the staging
 path: it returns once the mount answers, and the process it leaves runs in its own session,
 so it outlives a restart of the node plugin. Its PID file goes to the plugin's run directory
-(`CAIRN_RUN_DIR`), its log and block cache to the plugin's data directory, one per volume.
+(`CAIRN_RUN_DIR`, a short path under /run/cairn: the mount's control socket goes there too),
+its log and block cache to the plugin's data directory, one per volume.
 
 When a mount process dies (OOM kill, crash), the staging path and every bind of it answer
 ENOTCONN. The watcher notices (the PID is gone, or the mount is dead), starts a new process at
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -171,13 +173,18 @@ async def realpath(path: str, seconds: float = STAT_TIMEOUT) -> str:
 
 async def make_dir(path: str, mode: int = 0o750) -> None:
     """Creates `path` (and parents); a dead mount already there is detached first."""
-    try:
-        await in_thread(lambda: os.makedirs(path, mode=mode, exist_ok=True))
-    except OSError as error:
-        if error.errno not in STALE_ERRNOS:
-            raise FailedPrecondition(f"cannot create {path}: {error.strerror}") from None
+    for _ in range(8):
+        try:
+            await in_thread(lambda: os.makedirs(path, mode=mode, exist_ok=True))
+            return
+        except OSError as error:
+            # A dead mount there answers ENOTCONN to stat, so makedirs sees "exists" and
+            # "not a directory" at once.
+            if not is_mounted(path):
+                raise FailedPrecondition(f"cannot create {path}: {error.strerror}") from None
+        log.info("detaching the dead mount at %s", path)
         await unmount(path, lazy=True)
-        await in_thread(lambda: os.makedirs(path, mode=mode, exist_ok=True))
+    raise FailedPrecondition(f"cannot create {path}: dead mounts stay there")
 
 
 async def remove_dir(path: str) -> None:
@@ -272,6 +279,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def serves(pid: int, staging: str) -> bool:
+    """Whether `pid` is a live `cairn mount` process of `staging` (a PID of a dead mount may
+    have been given to another process since: never signal that one)."""
+    if not alive(pid):
+        return False
+    argv = cmdline(pid)
+    return "mount" in argv and staging in argv
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -310,10 +326,10 @@ def scrub(text: str, url: str) -> str:
 class MountProcesses:
     """Starts and stops the `cairn mount` processes of shared volumes."""
 
-    def __init__(self, data_dir: Path, cache_size: str = "1G"):
+    def __init__(self, data_dir: Path, cache_size: str = "1G", run: Path | None = None):
         self.logs = data_dir / "mounts"
         self.caches = data_dir / "cache"
-        self.run_dir = data_dir / "run"
+        self.run_dir = run or short_run_dir(data_dir)
         self.cache_size = cache_size
 
     def log_path(self, volume_id: str) -> Path:
@@ -325,7 +341,7 @@ class MountProcesses:
             pid = int((self.run_dir / f"{mount_slug(staging)}.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if alive(pid) else None
+        return pid if serves(pid, staging) else None
 
     async def start(self, volume_id: str, meta_url: str, subdir: str, staging: str,
                     read_only: bool = False) -> int:  # fmt: skip
@@ -353,6 +369,8 @@ class MountProcesses:
     async def stop(self, staging: str, pid: int, seconds: float = STOP_TIMEOUT) -> None:
         """Unmounts `staging` and waits for its process to flush and exit (SIGTERM, then
         SIGKILL, when it does not)."""
+        if pid and not serves(pid, staging):
+            pid = 0  # gone already (and its PID maybe someone else's now)
         entry = mounted_at(staging)
         if entry is not None:
             dead = bool(await path_problem(staging))
@@ -368,6 +386,14 @@ class MountProcesses:
         with contextlib.suppress(ValueError, IndexError):
             return argv[argv.index("mount") + 1]
         return ""
+
+
+def short_run_dir(data_dir: Path) -> Path:
+    """The mounts' run directory (PID files, control sockets), one per plugin data directory.
+    Short, because a unix socket's path must fit in 107 bytes."""
+    digest = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
+    base = Path("/run/cairn") if os.geteuid() == 0 else Path(f"/tmp/cairn-{os.getuid()}")
+    return base / f"np-{digest}"
 
 
 def _pid_from(output: str) -> int | None:
@@ -474,7 +500,7 @@ class Keeper:
 
     async def problem(self, volume: Volume, path: str | None = None) -> str:
         """Why the volume is not usable at its staging path (and at `path`); "" if it is."""
-        if volume.kind == "shared" and not alive(volume.pid):
+        if volume.kind == "shared" and not serves(volume.pid, volume.staging_path):
             return f"mount process {volume.pid} of volume {volume.volume_id} is not running"
         for where in dict.fromkeys((volume.staging_path, path or volume.staging_path)):
             if not is_mounted(where):
@@ -532,7 +558,7 @@ class Keeper:
             if volume.kind == "shared":
                 volume.meta_url = secrets.get(SECRET_META_URL) or volume.meta_url or (
                     self._known_url(volume))  # fmt: skip
-                if alive(volume.pid):
+                if serves(volume.pid, volume.staging_path):
                     await terminate(volume.pid)  # its mount is dead: the process is stuck
                 await make_dir(volume.staging_path)
                 volume.pid = await self.mount_process(volume)
@@ -569,9 +595,9 @@ class Keeper:
         for volume in self.table:
             if volume.kind != "shared":
                 continue
-            if not alive(volume.pid):
+            if not serves(volume.pid, volume.staging_path):
                 volume.pid = self.processes.pid_of(volume.staging_path) or volume.pid
-            if volume.meta == "secret" and alive(volume.pid):
+            if volume.meta == "secret" and serves(volume.pid, volume.staging_path):
                 volume.meta_url = self.processes.url_of(volume.pid)
         if len(self.table):
             log.info("serving %d staged volumes again: %s", len(self.table),

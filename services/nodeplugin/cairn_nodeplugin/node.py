@@ -272,7 +272,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _meta_url(self, context: Mapping[str, str], secrets: Mapping[str, str]) -> tuple[str, str]:
         """(META_URL, "default" | "secret") of a shared volume's file system."""
         secret = secrets.get(SECRET_META_URL, "")
-        if context.get("meta") == "secret" or secret:
+        # The controller says which file system; a volume made by hand (a static PV) may
+        # say nothing, and then a secret, when given, names it.
+        if context.get("meta") == "secret" or (secret and "meta" not in context):
             if not secret:
                 raise FailedPrecondition(
                     "the volume lives on a file system named by secrets: NodeStage needs "

@@ -20,9 +20,11 @@ import logging
 import os
 
 from cairn import DRIVER_NAME
-from cairn.errors import FailedPrecondition
-from cairn.rpc.gen import pluginregistration_pb2, pluginregistration_pb2_grpc
+from cairn.errors import FailedPrecondition, UnavailableError
+from cairn.rpc.channel import connect
+from cairn.rpc.gen import csi_pb2, csi_pb2_grpc, pluginregistration_pb2, pluginregistration_pb2_grpc
 from cairn.rpc.server import RpcServer
+from cairn.rpc.status import translate_rpc_errors
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +95,6 @@ class Registrar:
 async def plugin_name(csi_endpoint: str, wait: float = 60.0) -> str:
     """The driver name the CSI plugin at `csi_endpoint` gives (GetPluginInfo), waiting up to
     `wait` seconds for it to answer, as a sidecar started next to the plugin must."""
-    from cairn.errors import UnavailableError
-    from cairn.rpc.channel import connect
-    from cairn.rpc.gen import csi_pb2, csi_pb2_grpc
-    from cairn.rpc.status import translate_rpc_errors
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
