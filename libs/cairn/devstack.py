@@ -219,18 +219,16 @@ def mount_volume(state_dir: str | Path, say: Callable[[str], None] = print) -> P
         return mountpoint
     asyncio.run(_format(stack.meta_url, stack.storage_url))
     mountpoint.mkdir(exist_ok=True)
-    run = state / "run"
     log = state / "logs" / "cairn-mount.log"
-    env = {**os.environ, "CAIRN_RUN_DIR": str(run)}
     argv = [sys.executable, "-m", "cairn.cli.main", "mount", stack.meta_url, str(mountpoint),
             "--background", "--log", str(log), "--cache-dir", str(state / "cache")]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise FailedPrecondition(done.stderr.strip().splitlines()[-1] if done.stderr.strip()
                                  else f"cairn mount failed with code {done.returncode}")
-    from cairn.fuse.mount import mount_slug
+    from cairn.fuse.mount import pid_file  # the mount's default run dir (a short path)
 
-    pid = int((run / f"{mount_slug(str(mountpoint))}.pid").read_text().split()[0])
+    pid = int(pid_file(str(mountpoint)).read_text().split()[0])
     stack.processes["cairn-mount"] = {"pid": pid, "match": "mount", "log": str(log),
                                       "mountpoint": str(mountpoint)}
     stack.save()

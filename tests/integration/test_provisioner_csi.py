@@ -285,6 +285,28 @@ async def test_restart_between_create_volume_and_pv_write(api, csi, events):
     assert len((await api.list(PV))[0]) == 1
 
 
+async def test_restart_deletes_a_volume_whose_claim_went_away_meanwhile(api, csi, events, store):
+    await api.create(STORAGE_CLASS, storage_class("cairn"))
+    reached = asyncio.Event()
+
+    async def crash(_pv: str) -> None:
+        reached.set()
+        await asyncio.Event().wait()
+
+    async with running(provisioner(api, csi, events, after_create=crash).run()):
+        await api.create(PVC, claim("short-lived", "cairn"))
+        await asyncio.wait_for(reached.wait(), 20)
+    await api.delete(PVC, "short-lived", "default")  # while no provisioner runs
+    assert len(await volumes(csi)) == 1
+    async with running(provisioner(api, csi, events, history=store).run()):
+
+        async def cleaned():
+            return await volumes(csi) == []
+
+        await eventually(cleaned, what="orphaned volume deleted")
+    assert (await api.list(PV))[0] == []
+
+
 async def test_capacity_is_published_for_local_classes(api, csi, events):
     await add_node(api, "node-a")
     await events.append(

@@ -118,7 +118,7 @@ async def _demo(args) -> int:
         step("formatting and mounting a volume (cairn format, cairn mount)")
         mountpoint = await asyncio.to_thread(devstack.mount_volume, args.state_dir)
         step("doing real work in the mount")
-        source = Path(__file__).resolve().parents[1]  # the cairn package itself
+        source = Path(__file__).parents[1]  # the cairn package itself
         await asyncio.to_thread(workload.run, mountpoint, source, args.big_mib)
         step("the mount's statistics (cairn stats --once)")
         await asyncio.to_thread(show_mount, mountpoint)

@@ -462,13 +462,13 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
         channel = await control.open_channel(vfs, ops, mountpoint, metrics_addr=config.metrics_addr)
         if not config.cache_writes and hasattr(vfs.store, "write_through"):
             vfs.store.write_through = False  # blocks written go to the store only
+        if os.environ.get("CAIRN_EXP_RANGED"):
+            vfs.reader.whole_blocks = False
         volume = vfs.meta.fmt.name
         try:
             pyfuse3.init(ops, mountpoint, fuse_options(config, volume))
         except RuntimeError as error:
             raise FailedPrecondition(f"cannot mount {mountpoint}: {error}") from None
-        if config.kernel_readahead > 0:
-            set_kernel_readahead(mountpoint, config.kernel_readahead)
     except BaseException:
         if channel is not None:
             await channel.close()
@@ -480,9 +480,15 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
     stopper = _Stopper(vfs, mountpoint)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopper.request, signum)
-    announce = asyncio.create_task(
-        _announce(mountpoint, parent_dev, on_ready or (lambda: None)), name="cairn-announce"
-    )
+
+    def ready() -> None:
+        # After the kernel's INIT handshake, which caps read-ahead at what was negotiated.
+        if config.kernel_readahead > 0:
+            set_kernel_readahead(mountpoint, config.kernel_readahead)
+        if on_ready is not None:
+            on_ready()
+
+    announce = asyncio.create_task(_announce(mountpoint, parent_dev, ready), name="cairn-announce")
     announce.add_done_callback(_announce_done)
     code = 0
     try:

@@ -28,14 +28,16 @@ async def run(cfg: dict) -> None:
     from cairn.rpc.channel import open_channel
     from cairn_attacher.attacher import Attacher, PublishClient
 
-    if not cfg.get("csi_endpoint"):
-        raise ConfigError(f"{config.CSI_ENDPOINT.flag} / {config.CSI_ENDPOINT.env} is required")
     async with contextlib.AsyncExitStack() as stack:
         runtime = await open_runtime(cfg)
         stack.push_async_callback(runtime.close)
         client = await api_client(cfg.get("kubeconfig"))
         stack.push_async_callback(client.close)
         api = RestAPI(client)
+        if not cfg.get("csi_endpoint"):  # checked after NATS and Kubernetes, in start-up order
+            raise ConfigError(
+                f"{config.CSI_ENDPOINT.flag} / {config.CSI_ENDPOINT.env} is required"
+            )
         channel = await open_channel(cfg["csi_endpoint"], ready_timeout=30)
         stack.push_async_callback(channel.close)
         csi = PublishClient(channel)

@@ -22,7 +22,7 @@ from cairn.telemetry.grpc_otel import server_interceptors
 from cairn.telemetry.metrics import start_metrics_server
 from cairn_nodeplugin.mounts import Keeper, MountProcesses
 from cairn_nodeplugin.node import CapacityReporter, FileSystems, NodeConfig, NodeService, readiness
-from cairn_nodeplugin.registration import Registrar
+from cairn.csi.registration import Registrar
 from cairn_nodeplugin.state import StateFile, Table
 
 log = logging.getLogger("cairn_nodeplugin")

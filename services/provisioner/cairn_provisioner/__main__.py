@@ -47,14 +47,14 @@ async def run(cfg: dict) -> None:
     from cairn_provisioner.capacity import CapacityPublisher
     from cairn_provisioner.provisioner import Provisioner
 
-    if not cfg.get("csi_endpoint"):
-        raise ConfigError(f"{config.CSI_ENDPOINT.flag} / {config.CSI_ENDPOINT.env} is required")
     async with contextlib.AsyncExitStack() as stack:
         runtime = await open_runtime(cfg)
         stack.push_async_callback(runtime.close)
         client = await api_client(cfg.get("kubeconfig"))
         stack.push_async_callback(client.close)
         api = RestAPI(client)
+        if not cfg.get("csi_endpoint"):  # checked after NATS and Kubernetes, in start-up order
+            raise ConfigError(f"{config.CSI_ENDPOINT.flag} / {config.CSI_ENDPOINT.env} is required")
         channel = await open_channel(cfg["csi_endpoint"], ready_timeout=30)
         stack.push_async_callback(channel.close)
         csi = ControllerClient(channel)
@@ -62,7 +62,12 @@ async def run(cfg: dict) -> None:
         if RPC.CREATE_DELETE_VOLUME not in await csi.capabilities():
             raise FailedPrecondition(f"CSI driver {driver} cannot create volumes")
         provisioner = Provisioner(
-            api, csi, runtime.events, driver=driver, identity=runtime.instance
+            api,
+            csi,
+            runtime.events,
+            driver=driver,
+            identity=runtime.instance,
+            history=runtime.store,
         )
         capacity = CapacityPublisher(
             api, csi, provisioner, cfg["capacity_namespace"], cfg["capacity_interval"]

@@ -320,10 +320,12 @@ class Provisioner:
         backoff: Backoff = RECONCILE_BACKOFF,
         extra_metadata: bool = True,
         after_create: Callable[[str], Awaitable[None]] | None = None,
+        history: Any = None,
     ):
         self.api, self.csi, self.events = api, csi, events
         self.driver, self.identity, self.extra_metadata = driver, identity, extra_metadata
         self.after_create = after_create
+        self.history = history  # an EventStore to rebuild in-flight work from, or None
         self.pvcs = Informer(api, PVC)
         self.pvs = Informer(api, PV)
         self.classes = Informer(api, STORAGE_CLASS)
@@ -354,6 +356,8 @@ class Provisioner:
             log.info(
                 "caches synced: %d claims, %d volumes", len(self.pvcs.cache), len(self.pvs.cache)
             )
+            if self.history is not None:
+                await self.recover()
             tasks += [
                 asyncio.create_task(self.claims.run()),
                 asyncio.create_task(self.volumes.run()),
@@ -363,6 +367,38 @@ class Provisioner:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def recover(self) -> None:
+        """After a restart: volumes this provisioner asked for (VolumeRequested naming a PV)
+        that have neither a PV nor their claim any more were orphaned between CreateVolume
+        and the PV write while the claim went away: delete them. Claims still there are
+        simply provisioned again (CreateVolume is idempotent by name)."""
+        requested: dict[str, tuple[str, str]] = {}  # volume id -> (PV name, claim key)
+        end = await self.history.last_sequence()
+        if not end:
+            return
+        subjects = self.history.aggregate_subjects("volume")
+        async with contextlib.aclosing(self.history.read_all(filter_subject=subjects)) as it:
+            async for rec in it:
+                env = rec.envelope
+                if env.type == "VolumeRequested":
+                    params = env.payload.get("parameters") or {}
+                    if params.get(PV_NAME):
+                        key = f"{params.get(PVC_NAMESPACE, '')}/{params.get(PVC_NAME, '')}"
+                        requested[env.aggregate_id] = (params[PV_NAME], key)
+                elif env.type == "VolumeDeleted":
+                    requested.pop(env.aggregate_id, None)
+                if rec.sequence >= end:
+                    break
+        for vid, (pv_name, claim_key) in requested.items():
+            pvc = self.pvcs.get(claim_key)
+            if self.pvs.get(pv_name) is not None or (pvc and volume_name(pvc) == pv_name):
+                continue
+            try:
+                await self.csi.delete_volume(vid, {})
+                log.info("deleted orphaned volume %s (%s, claim %s gone)", vid, pv_name, claim_key)
+            except CairnError as error:
+                log.warning("orphaned volume %s (%s): %s", vid, pv_name, error)
 
     # -- change handlers: which keys to look at again ----------------------------------------
 
