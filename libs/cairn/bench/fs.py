@@ -223,10 +223,7 @@ async def run(
 
     `directory` is a directory on a running Cairn mount; None makes a private mount (with
     `mount_args` added to `cairn mount`)."""
-    base = Path(local_dir or tempfile.gettempdir())
-    if not base.is_dir():
-        raise ConfigError(f"--local-dir {base}: not a directory")
-    work = Path(tempfile.mkdtemp(prefix="cairn-bench-fs-", dir=base))
+    base, work = _workdir(local_dir)
     try:
         local = Target("local", work / "local")
         async with _cairn_target(directory, work, mount_args or []) as (cairn, where):
@@ -249,6 +246,21 @@ async def run(
     }
 
 
+def _workdir(local_dir: str | None) -> tuple[Path, Path]:
+    """(the local directory asked for, a fresh directory inside it for this run)."""
+    base = Path(local_dir or tempfile.gettempdir())
+    if not base.is_dir():
+        raise ConfigError(f"--local-dir {base}: not a directory")
+    return base, Path(tempfile.mkdtemp(prefix="cairn-bench-fs-", dir=base))
+
+
+def _directory(directory: str) -> Path:
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise ConfigError(f"{directory}: not a directory")
+    return path
+
+
 @contextlib.asynccontextmanager
 async def _cairn_target(
     directory: str | None, work: Path, mount_args: list[str]
@@ -256,9 +268,7 @@ async def _cairn_target(
     from cairn.fuse.control import find_socket
 
     if directory is not None:
-        path = Path(directory).absolute()
-        if not path.is_dir():
-            raise ConfigError(f"{directory}: not a directory")
+        path = _directory(directory)
         socket = find_socket(str(path))
         root = Path(tempfile.mkdtemp(prefix="cairn-bench-fs-", dir=path))
         yield Target("cairn", root, socket), f"{path} (a running mount)"
@@ -412,4 +422,3 @@ def print_report(result: dict[str, Any]) -> None:
     print(TABLE_HEAD)
     for row in result["rows"]:
         print(format_row(row))
-

@@ -17,7 +17,7 @@ from cairn import __version__
 from cairn.errors import CairnError, exit_code
 
 COMMAND_MODULES = ("dev", "demo", "events", "probe", "fs", "bench", "mount", "volume", "stats",
-                   "warmup")
+                   "warmup")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

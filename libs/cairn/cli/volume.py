@@ -442,9 +442,9 @@ def _trace_id(trace: dict) -> str:
 
 
 async def _registrar(args: argparse.Namespace) -> int:
+    from cairn.csi.registration import run_registrar
     from cairn.rpc.channel import parse_endpoint
     from cairn.telemetry.logs import configure
-    from cairn.csi.registration import run_registrar
 
     configure("cairn-registrar", os.environ.get("CAIRN_LOG_LEVEL", "INFO"))
     endpoint = parse_endpoint(args.csi_endpoint)

@@ -12,7 +12,9 @@ Instruments (installed by `open_channel` before the mount serves anything):
 
 The channel: a unix stream socket `<run dir>/<mount slug>.ctl`, beside the mount's PID file
 (cairn.fuse.mount.run_dir), mode 0600 (the mount's owner only: it can evict the cache and
-name every inode). How clients find it: every inode of the mount answers the virtual xattr
+name every inode); when that path is too long for a socket address (108 bytes), a hashed
+name in the private directory <temp dir>/cairn-ctl-<uid>. A mount whose socket cannot be
+made still mounts (with a warning), without a channel. How clients find it: every inode of the mount answers the virtual xattr
 `user.cairn.control` with the socket's path (it is not listed and cannot be set), so any
 path inside the mount leads to it, also through a bind mount (a CSI publish) and whatever
 run dir the mount was started with; `find_socket` falls back to the path derived from the
@@ -36,9 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -64,6 +68,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_XATTR = "user.cairn.control"
 SOCKET_SUFFIX = ".ctl"
+MAX_SOCKET_PATH = 100  # bytes: a unix socket address holds 107 (108 with the NUL)
 LINE_LIMIT = 64 << 20  # a warmup request names every inode: a million fit easily
 PROGRESS_INTERVAL = 0.1  # seconds between progress lines of one request
 DEFAULT_THREADS = 16
@@ -504,9 +509,24 @@ def _invalidate_pages(inodes: list[int]) -> None:
 
 
 def socket_path(mountpoint: str) -> Path:
+    """<run dir>/<mount slug>.ctl; when that is longer than a unix socket address may be,
+    <temp dir>/cairn-ctl-<uid>/<hash of it>.ctl (a private directory) instead."""
     from cairn.fuse.mount import mount_slug, run_dir
 
-    return run_dir() / f"{mount_slug(mountpoint)}{SOCKET_SUFFIX}"
+    path = run_dir() / f"{mount_slug(mountpoint)}{SOCKET_SUFFIX}"
+    if len(os.fsencode(str(path))) <= MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha1(os.fsencode(str(path))).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / f"cairn-ctl-{os.geteuid()}" / f"{digest}{SOCKET_SUFFIX}"
+
+
+def _private_dir(path: Path) -> None:
+    """Creates the socket's directory; a shared fallback one must be ours and private."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.name.startswith("cairn-ctl-"):
+        st = path.lstat()
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise PermissionError(errno.EACCES, "not a private directory of this user", str(path))
 
 
 class ControlServer:
@@ -519,7 +539,7 @@ class ControlServer:
         self._clients: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.path.parent)
         # Only one mount serves a mountpoint (prepare_mountpoint checked): a socket
         # already there was left by a mount that died.
         with contextlib.suppress(FileNotFoundError):
@@ -662,8 +682,13 @@ async def open_channel(
     channel = Channel(instruments, None, None)
     try:
         await server.start()
+    except OSError as error:  # the mount still works; only its control channel does not
+        log.warning("no control channel (cairn stats/warmup) at %s: %s", server.path,
+                    error.strerror or error)  # fmt: skip
+    else:
         channel.server = server
         ops.control_path = os.fsencode(str(server.path))
+    try:
         if metrics_addr:
             collector = MountCollector(vfs, instruments.store)
             metrics.REGISTRY.register(collector)
@@ -672,9 +697,6 @@ async def open_channel(
             ms = channel.metrics_server
             instruments.metrics_addr = f"{ms.host}:{ms.port}"
             log.info("metrics on http://%s/metrics", instruments.metrics_addr)
-    except OSError as error:
-        await channel.close()
-        raise ConfigError(f"control socket {server.path}: {error.strerror or error}") from None
     except BaseException:
         await channel.close()
         raise
@@ -713,8 +735,8 @@ def _error_for(message: str, code: int) -> CairnError:
 class ControlClient:
     """One connection to a mount's control socket.
 
-        async with ControlClient.connect(find_socket(path)) as client:
-            stats = await client.call("stats")
+    async with ControlClient.connect(find_socket(path)) as client:
+        stats = await client.call("stats")
     """
 
     def __init__(self, path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:  # fmt: skip
@@ -762,7 +784,9 @@ class ControlClient:
                     continue
                 if message.get("ok"):
                     return message.get("result")
-                raise _error_for(message.get("error", "request failed"), int(message.get("code", 1)))
+                raise _error_for(
+                    message.get("error", "request failed"), int(message.get("code", 1))
+                )
         except ConnectionError as error:
             raise UnavailableError(f"control socket {self.path}: {error}") from None
 

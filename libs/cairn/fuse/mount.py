@@ -462,8 +462,6 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
         channel = await control.open_channel(vfs, ops, mountpoint, metrics_addr=config.metrics_addr)
         if not config.cache_writes and hasattr(vfs.store, "write_through"):
             vfs.store.write_through = False  # blocks written go to the store only
-        if os.environ.get("CAIRN_EXP_RANGED"):
-            vfs.reader.whole_blocks = False
         volume = vfs.meta.fmt.name
         try:
             pyfuse3.init(ops, mountpoint, fuse_options(config, volume))

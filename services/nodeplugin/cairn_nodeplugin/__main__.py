@@ -13,6 +13,7 @@ from pathlib import Path
 from cairn import config
 from cairn.csi.health import Healthz
 from cairn.csi.identity import NODE_CAPABILITIES, Identity
+from cairn.csi.registration import Registrar
 from cairn.errors import ConfigError
 from cairn.rpc.channel import parse_endpoint
 from cairn.rpc.gen import csi_pb2_grpc
@@ -22,7 +23,6 @@ from cairn.telemetry.grpc_otel import server_interceptors
 from cairn.telemetry.metrics import start_metrics_server
 from cairn_nodeplugin.mounts import Keeper, MountProcesses
 from cairn_nodeplugin.node import CapacityReporter, FileSystems, NodeConfig, NodeService, readiness
-from cairn.csi.registration import Registrar
 from cairn_nodeplugin.state import StateFile, Table
 
 log = logging.getLogger("cairn_nodeplugin")
