@@ -31,43 +31,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cairn.bench.data import POOL, drop_cache, drop_tree_cache, expected
+from cairn.bench.data import pool as data_pool
 from cairn.progress import Progress, human_bytes
 
 MiB = 1 << 20
 REQUEST = MiB  # sequential requests
 SMALL = 4096  # random reads
-POOL = 16 * MiB  # distinct random bytes the written file is made of
 CACHE_MEMORY = 256 * MiB  # the VFS's block cache, as `cairn mount` has it by default
 CACHE_DISK = 1 << 30
 
 Row = dict[str, Any]
-
-
-def _pool() -> bytes:
-    return random.Random(1).randbytes(POOL)
-
-
-def _expected(pool: bytes, offset: int, length: int) -> bytes:
-    """The bytes written at `offset`: the file is the pool repeated."""
-    start = offset % POOL
-    if start + length <= POOL:
-        return pool[start : start + length]
-    return pool[start:] + pool[: length - (POOL - start)]
-
-
-def drop_cache(path: str | Path) -> None:
-    """Evict a file's (already fsync'd) pages from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def drop_tree_cache(root: Path) -> None:
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            drop_cache(os.path.join(dirpath, name))
 
 
 # -- the two targets -----------------------------------------------------------------------
@@ -90,7 +64,7 @@ class LocalTarget:
         try:
             for offset in range(0, size, REQUEST):
                 length = min(REQUEST, size - offset)
-                os.write(fd, _expected(pool, offset, length))
+                os.write(fd, expected(pool, offset, length))
                 progress.advance(length)
             os.fsync(fd)
         finally:
@@ -175,7 +149,7 @@ class ChunkTarget:
             if start + length <= POOL:
                 await handle.write(offset, view[start : start + length])
             else:
-                await handle.write(offset, _expected(pool, offset, length))
+                await handle.write(offset, expected(pool, offset, length))
             progress.advance(length)
         await handle.close()  # fsync + close: every block stored, every slice committed
         await writer.close()
@@ -290,7 +264,7 @@ class VfsTarget:
                 if start + length <= POOL:
                     await self.vfs.write(fh, offset, view[start : start + length])
                 else:
-                    await self.vfs.write(fh, offset, _expected(pool, offset, length))
+                    await self.vfs.write(fh, offset, expected(pool, offset, length))
                 progress.advance(length)
             await self.vfs.fsync(fh)
             await self.vfs.flush(fh)
@@ -354,7 +328,7 @@ def vfs_class() -> Any:
 
 
 def _check(data: bytes, pool: bytes, offset: int, length: int, who: str) -> None:
-    if data != _expected(pool, offset, length):
+    if data != expected(pool, offset, length):
         raise AssertionError(f"{who}: wrong bytes read at offset {offset} (+{length})")
 
 
@@ -448,7 +422,7 @@ async def _measure(
     files: int,
     random_reads: int,
 ) -> list[Row]:
-    pool = _pool()
+    pool = data_pool()
     rows: list[Row] = []
 
     async def pair(name: str, unit: str, work: Callable[[Any], Awaitable[float]]) -> None:

@@ -38,13 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cairn.bench.data import POOL, drop_cache, drop_tree_cache, expected
+from cairn.bench.data import pool as data_pool
 from cairn.errors import ConfigError
 from cairn.progress import Progress, human_bytes
 
 MiB = 1 << 20
 REQUEST = MiB  # sequential requests
 SMALL = 4096  # random reads
-POOL = 16 * MiB  # distinct random bytes the written file is made of
 # name -> (kind, threshold): "ratio" to the local directory, or an absolute rate.
 TARGETS: dict[str, tuple[str, float]] = {
     "seq_write": ("ratio", 0.5),
@@ -55,34 +56,6 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 
 Row = dict[str, Any]
-
-
-def _pool() -> bytes:
-    return random.Random(1).randbytes(POOL)
-
-
-def _expected(pool: bytes, offset: int, length: int) -> bytes:
-    """The bytes written at `offset`: the file is the pool repeated."""
-    start = offset % POOL
-    if start + length <= POOL:
-        return pool[start : start + length]
-    return pool[start:] + pool[: length - (POOL - start)]
-
-
-def drop_cache(path: str | Path) -> None:
-    """Evict a file's (clean) pages from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def drop_tree_cache(root: Path) -> None:
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            with contextlib.suppress(OSError):  # a block replaced meanwhile
-                drop_cache(os.path.join(dirpath, name))
 
 
 # -- the targets ---------------------------------------------------------------------------
@@ -135,7 +108,7 @@ def write_file(path: Path, size: int, pool: bytes, progress: Progress) -> None:
         for offset in range(0, size, REQUEST):
             length = min(REQUEST, size - offset)
             start = offset % POOL
-            data = view[start : start + length] if start + length <= POOL else _expected(
+            data = view[start : start + length] if start + length <= POOL else expected(
                 pool, offset, length)  # fmt: skip
             done = 0
             while done < length:
@@ -172,7 +145,7 @@ def random_reads(path: Path, offsets: list[int], pool: bytes, who: str) -> None:
 
 
 def _check(data: bytes, pool: bytes, offset: int, who: str) -> None:
-    if data != _expected(pool, offset, len(data)):
+    if data != expected(pool, offset, len(data)):
         raise AssertionError(f"{who}: wrong bytes read at offset {offset} (+{len(data)})")
 
 
@@ -321,7 +294,7 @@ def _unmount(mount: Any, mnt: Path, pid: int) -> None:
 
 
 async def _measure(cairn: Target, local: Target, size: int, files: int, nreads: int) -> list[Row]:
-    pool = _pool()
+    pool = data_pool()
     rows: list[Row] = []
 
     async def pair(key: str, name: str, unit: str, work: Callable[[Target], Awaitable[float]],
