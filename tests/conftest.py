@@ -63,6 +63,36 @@ def own_nats(tmp_path):
 
 
 @pytest.fixture
+async def bus(nats_url):
+    """A JetStream connection to the session's nats-server."""
+    from cairn.events import JetStreamBus
+
+    connection = await JetStreamBus.connect(nats_url)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def store(bus, stream_name):
+    """An event store on a stream of this test's own (streams of one server may not share
+    subjects, so each test gets its own subject prefix too)."""
+    from cairn.events import EventStore
+
+    return EventStore(bus, stream_name, subject_prefix=f"t.{stream_name.lower()}")
+
+
+@pytest.fixture
+async def events(store, tmp_path):
+    """The event store behind an outbox, as services use it."""
+    from cairn.events import OutboxedStore
+
+    outboxed = OutboxedStore(store, tmp_path / "outbox")
+    await outboxed.start()
+    yield outboxed
+    await outboxed.close()
+
+
+@pytest.fixture
 def stream_name(request) -> str:
     """A JetStream stream name unique to this test."""
     safe = "".join(c if c.isalnum() else "_" for c in request.node.name)[-40:]

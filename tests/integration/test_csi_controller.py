@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from cairn.errors import FSError
-from cairn.events import EventStore, JetStreamBus, NodeCapacityReported, OutboxedStore
+from cairn.events import EventStore, NodeCapacityReported
 from cairn.meta import keys
 from cairn.meta.engine import ROOT_CTX, Ctx, Format, format_volume
 from cairn.rpc.channel import connect
@@ -72,26 +72,6 @@ async def fails(call, code: grpc.StatusCode) -> str:
         await call
     assert e.value.code() == code, e.value.details()
     return e.value.details()
-
-
-@pytest.fixture
-async def bus(nats_url):
-    b = await JetStreamBus.connect(nats_url)
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def store(bus, stream_name):
-    return EventStore(bus, stream_name, subject_prefix=f"t.{stream_name.lower()}")
-
-
-@pytest.fixture
-async def events(store, tmp_path):
-    outboxed = OutboxedStore(store, tmp_path / "outbox")
-    await outboxed.start()
-    yield outboxed
-    await outboxed.close()
 
 
 @pytest.fixture

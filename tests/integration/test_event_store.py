@@ -26,19 +26,6 @@ from cairn.events import (
 
 
 @pytest.fixture
-async def bus(nats_url):
-    bus = await JetStreamBus.connect(nats_url)
-    yield bus
-    await bus.close()
-
-
-@pytest.fixture
-async def store(bus, stream_name):
-    # Streams of one server may not share subjects: each test gets its own prefix.
-    return EventStore(bus, stream_name, subject_prefix=f"t.{stream_name.lower()}")
-
-
-@pytest.fixture
 async def js(nats_url):
     nc = await nats.connect(nats_url)
     yield nc.jetstream()

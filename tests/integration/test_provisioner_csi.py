@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from cairn.events import EventStore, JetStreamBus, NodeCapacityReported, OutboxedStore
+from cairn.events import NodeCapacityReported
 from cairn.kube.api import CAPACITY, CSI_NODE, EVENT, NODE, PV, PVC, STORAGE_CLASS
 from cairn.kube.memory import MemoryAPI
 from cairn.meta.engine import Format, format_volume
@@ -35,26 +35,6 @@ from kubeharness import Binder, eventually, get_or_none, running  # noqa: E402
 GiB, MiB = 1 << 30, 1 << 20
 DRIVER = "csi.cairn.io"
 FAST = Backoff(initial=0.05, maximum=0.5, jitter=False)
-
-
-@pytest.fixture
-async def bus(nats_url):
-    b = await JetStreamBus.connect(nats_url)
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def store(bus, stream_name):
-    return EventStore(bus, stream_name, subject_prefix=f"t.{stream_name.lower()}")
-
-
-@pytest.fixture
-async def events(store, tmp_path):
-    outboxed = OutboxedStore(store, tmp_path / "outbox")
-    await outboxed.start()
-    yield outboxed
-    await outboxed.close()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from cairn import localstack
-from cairn.events import EventStore, JetStreamBus, OutboxedStore
 from cairn.meta.engine import Format, format_volume
 from cairn.rpc.channel import connect
 
@@ -110,26 +109,6 @@ async def kube(control_plane):
     client = await api_client(control_plane)
     yield RestAPI(client)
     await client.close()
-
-
-@pytest.fixture
-async def bus(nats_url):
-    b = await JetStreamBus.connect(nats_url)
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def store(bus, stream_name):
-    return EventStore(bus, stream_name, subject_prefix=f"t.{stream_name.lower()}")
-
-
-@pytest.fixture
-async def events(store, tmp_path):
-    outboxed = OutboxedStore(store, tmp_path / "outbox")
-    await outboxed.start()
-    yield outboxed
-    await outboxed.close()
 
 
 @pytest.fixture
