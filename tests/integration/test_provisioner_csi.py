@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from cairn.csi.client import ControllerClient
 from cairn.events import NodeCapacityReported
 from cairn.kube.api import CAPACITY, CSI_NODE, EVENT, NODE, PV, PVC, STORAGE_CLASS
 from cairn.kube.memory import MemoryAPI
@@ -26,7 +27,6 @@ from cairn_meta.capacity import NodeCapacityProjection
 from cairn_meta.catalogue import Catalogue
 from cairn_meta.controller import TOPOLOGY_KEY, Controller, FileSystems
 from cairn_provisioner.capacity import CapacityPublisher
-from cairn_provisioner.csi import ControllerClient
 from cairn_provisioner.provisioner import ANN_SELECTED_NODE, FINALIZER, Provisioner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "k8s"))

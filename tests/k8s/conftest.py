@@ -113,11 +113,11 @@ async def kube(control_plane):
 
 @pytest.fixture
 async def csi(redis_url, store, events, tmp_path):
+    from cairn.csi.client import ControllerClient
     from cairn_meta.__main__ import build_csi_server
     from cairn_meta.capacity import NodeCapacityProjection
     from cairn_meta.catalogue import Catalogue
     from cairn_meta.controller import Controller, FileSystems
-    from cairn_provisioner.csi import ControllerClient
 
     await format_volume(redis_url, Format(name="csi", storage=f"file://{tmp_path}/objects",
                                           capacity=100 << 30))

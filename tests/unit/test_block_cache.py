@@ -361,6 +361,7 @@ async def test_a_failing_cache_disk_falls_back_to_the_store(backing, tmp_path, c
     await backing.put(key(2), blob(2))
     store = CachedStore(backing, BlockCache(0, root, 1 << 20))
     assert await store.get(key(1)) == blob(1)
+    await store.cache.flush()  # the disk copy is written in the background
     shutil.rmtree(root)
     root.write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="cairn.storage.cache"):
@@ -388,3 +389,49 @@ async def test_open_store_result_can_be_wrapped(tmp_path):
         await store.check()
         await store.put("a", b"b")
         assert await store.get("a") == b"b"
+
+
+async def test_a_miss_does_not_wait_for_the_cache_disk(backing, tmp_path):
+    await backing.put(key(1), blob(1))
+    cache = BlockCache(1 << 20, tmp_path / "cache", 1 << 20)
+    store = CachedStore(backing, cache)
+    written = asyncio.Event()
+    real_put = cache._disk.put
+
+    async def slow_put(k, data):
+        await written.wait()
+        await real_put(k, data)
+
+    cache._disk.put = slow_put
+    assert await store.get(key(1)) == blob(1)  # answered while the disk write waits
+    assert cache.contains(key(1)) and cache.stats().disk_items == 0
+    written.set()
+    await cache.flush()
+    assert cache.stats().disk_items == 1
+    await store.close()
+
+
+async def test_background_disk_writes_are_bounded_and_flushed_at_close(tmp_path):
+    root = tmp_path / "cache"
+    cache = BlockCache(0, root, 1 << 20, pending_bytes=250)
+    for n in range(4):
+        cache.put_later(key(n), blob(n))  # 100 bytes each: the third and fourth are dropped
+    assert cache.dropped_writes == 2
+    await cache.close()
+    again = BlockCache(0, root, 1 << 20)
+    assert await again.get(key(0)) == blob(0)
+    assert await again.get(key(1)) == blob(1)
+    assert await again.get(key(2)) is None
+    await again.close()
+
+
+async def test_evicting_a_queued_block_drops_its_disk_write(tmp_path):
+    cache = BlockCache(0, tmp_path / "cache", 1 << 20)
+    cache.put_later(key(1), blob(1))
+    cache.put_later(key(2), blob(2))
+    await cache.evict(key(1))
+    await cache.evict(key(2))
+    await cache.flush()
+    assert not cache.contains(key(1)) and not cache.contains(key(2))
+    assert cache.stats().disk_items == 0
+    await cache.close()

@@ -75,10 +75,10 @@ async def measure(api: KubeAPI, count: int, storage_class: str, namespace: str,
 
 async def run_memory(count: int, timeout: float = 600.0) -> dict[str, Any]:
     from cairn import localstack
+    from cairn.csi.client import ControllerClient
     from cairn.kube.memory import Binder, MemoryAPI
     from cairn.meta.engine import Format, format_volume
     from cairn.rpc.channel import connect
-    from cairn_provisioner.csi import ControllerClient  # noqa: I001 (service package)
     from cairn_provisioner.provisioner import Provisioner
 
     with tempfile.TemporaryDirectory(prefix="cairn-bench-prov-") as tmp:

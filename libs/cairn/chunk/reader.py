@@ -9,6 +9,11 @@ byte, id 0 for holes); each segment names a byte range of one immutable slice, w
   block is being read ahead; whole decoded blocks are kept in a small in-memory LRU;
 - ranged GETs otherwise, so a random 4 KiB read does not fetch 4 MiB.
 
+A small read that is not sequential and misses every cache does not wait for a whole
+block either: it takes a ranged GET of just the bytes it needs, and the whole block is
+fetched into the caches in the background (a few at a time, apart from foreground reads),
+so the reads after it hit.
+
 Block keys name immutable objects, so neither the LRU nor the cache can ever be stale.
 
 Read-ahead: each stream (a file handle, or the inode when no handle is given) remembers
@@ -37,6 +42,8 @@ from cairn.storage.keys import block_key
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FETCHES = 16
+BACKGROUND_FETCHES = 4
+SMALL_READ = 128 * 1024  # a read up to this size, not sequential, takes the ranged path
 DEFAULT_MEMORY_LIMIT = 64 * layout.MiB
 FETCH_DEADLINE = 60.0
 MAX_STREAMS = 10_000
@@ -98,6 +105,7 @@ class ChunkReader:
         self.readahead_max = readahead_max if readahead_max is not None else 8 * self.block_size
         self.memory_limit = memory_limit
         self._slots = asyncio.Semaphore(max_fetches)
+        self._background_slots = asyncio.Semaphore(BACKGROUND_FETCHES)
         self._blocks: OrderedDict[str, bytes] = OrderedDict()  # decoded whole blocks
         self._memory = 0
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
@@ -116,7 +124,9 @@ class ChunkReader:
         out = bytearray(end - offset)
         pieces = await self._plan(inode, offset, end - offset)
         view = memoryview(out)
-        await asyncio.gather(*(self._fill(view, p) for p in pieces))
+        stream = self._streams.get(inode if handle is None else handle)
+        small = end - offset <= SMALL_READ and (stream is None or stream.next_offset != offset)
+        await asyncio.gather(*(self._fill(view, p, small) for p in pieces))
         self._read_ahead(inode, offset, end, file_length, handle)
         return bytes(out)
 
@@ -173,10 +183,12 @@ class ChunkReader:
 
     # -- fetching --------------------------------------------------------------
 
-    async def _fill(self, out: memoryview, piece: _Piece) -> None:
+    async def _fill(self, out: memoryview, piece: _Piece, small: bool = False) -> None:
         block = self._blocks.get(piece.key)
         if block is not None:
             self._blocks.move_to_end(piece.key)
+        elif small and self.codec.name == "none" and not self._in_store_cache(piece.key):
+            self._fetch_in_background(piece.key, piece.block_len)
         elif self.whole_blocks or piece.key in self._inflight:
             block = await self._whole_block(piece.key, piece.block_len)
         if block is not None:
@@ -198,17 +210,45 @@ class ChunkReader:
             )
         return data
 
-    async def _whole_block(self, key: str, block_len: int) -> bytes:
+    def _in_store_cache(self, key: str) -> bool:
+        cache = getattr(self.store, "cache", None)
+        return cache is not None and cache.contains(key)
+
+    def _fetch_in_background(self, key: str, block_len: int) -> None:
+        """Starts fetching the whole block into the caches, if nobody is already."""
+        if not self.whole_blocks or key in self._inflight:
+            return
+        task = asyncio.create_task(self._background_block(key, block_len))
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
+
+    async def _background_block(self, key: str, block_len: int) -> None:
+        try:
+            await self._whole_block(key, block_len, self._background_slots)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a cache fill is a hint: the real reads report errors
+            log.debug("background fetch of %s failed: %s", key, error)
+
+    async def _whole_block(
+        self, key: str, block_len: int, slots: asyncio.Semaphore | None = None
+    ) -> bytes:
         """The decoded block, fetched once however many readers want it at the same time."""
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._fetch_block(key, block_len))
+            task = asyncio.create_task(self._fetch_block(key, block_len, slots or self._slots))
             self._inflight[key] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+            task.add_done_callback(lambda t: self._fetched(key, t))
         return await asyncio.shield(task)
 
-    async def _fetch_block(self, key: str, block_len: int) -> bytes:
-        async with self._slots:
+    def _fetched(self, key: str, task: asyncio.Task[bytes]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: a fetch whose waiters went away logs nothing
+
+    async def _fetch_block(self, key: str, block_len: int, slots: asyncio.Semaphore) -> bytes:
+        async with slots:
             stored = await retry(lambda: self.store.get(key), deadline=FETCH_DEADLINE)
         if self.codec.name == "none":
             data = stored

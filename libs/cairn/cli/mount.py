@@ -4,6 +4,10 @@
 SIGTERM/SIGINT; with --background it starts a detached mount process and returns once the
 mount answers (exit 0), or with one line and a non-zero code when it could not be made.
 `cairn umount` unmounts and waits for the mount process to finish its last writes.
+
+META_URL may be `-` or left out: the URL is then read from the environment
+(CAIRN_META_URL), so a password in it never shows in a process listing (the node plugin
+starts its mounts that way; a background child is handed `-` and inherits the variable).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import sys
 from pathlib import Path
 
 from cairn.cli.fs import META_HELP, check_meta_url, parse_size, seconds
-from cairn.errors import CairnError
+from cairn.errors import CairnError, ConfigError
+
+META_ENV = "CAIRN_META_URL"  # where META_URL is read from when given as '-' or left out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +36,8 @@ def _register_mount(sub: argparse._SubParsersAction) -> None:
         "dead mount left there by a killed process is cleaned up first. Runs until "
         "unmounted (cairn umount) or stopped with SIGTERM/SIGINT, which flush every write "
         "and unmount. Sizes take K, M, G, T suffixes.")  # fmt: skip
-    p.add_argument("meta_url", metavar="META_URL", help=META_HELP)
+    p.add_argument("meta_url", metavar="META_URL", nargs="?", default="-",
+                   help=META_HELP + f"; '-' or none: the {META_ENV} environment variable")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="directory to mount on")
     p.add_argument(
         "--subdir",
@@ -168,7 +175,7 @@ def _config(args: argparse.Namespace) -> object:
 
 def _child_argv(args: argparse.Namespace, log_path: Path) -> list[str]:
     """`cairn mount ...` for the detached child: the same settings, absolute paths, no -d."""
-    argv = ["mount", args.meta_url, os.path.abspath(args.mountpoint),
+    argv = ["mount", "-" if args.meta_from_env else args.meta_url, os.path.abspath(args.mountpoint),
             "--cache-size", str(args.cache_size), "--buffer-size", str(args.buffer_size),
             "--attr-cache", repr(args.attr_cache), "--entry-cache", repr(args.entry_cache),
             "--max-requests", str(args.max_requests), "--log", str(log_path),
@@ -204,6 +211,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
 async def _mount(args: argparse.Namespace) -> int:
     from cairn.fuse import mount
 
+    args.meta_from_env = args.meta_url in ("", "-")
+    if args.meta_from_env:
+        args.meta_url = os.environ.get(META_ENV, "")
+        if not args.meta_url:
+            raise ConfigError(f"no META_URL: give it, or set {META_ENV} and give '-'")
     check_meta_url(args.meta_url)
     if args.metrics_addr:
         from cairn.telemetry.metrics import parse_addr

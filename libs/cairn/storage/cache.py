@@ -266,6 +266,9 @@ class BlockCache:
 
     `memory_bytes` and `disk_bytes` are the quotas; a block bigger than a tier's quota is
     not kept in that tier. Disk I/O runs in a small thread pool owned by the cache.
+    `put_later` keeps a block in memory at once and writes it to disk in the background
+    (at most `pending_bytes` queued; beyond that the disk copy is skipped); `close` waits
+    for the queued writes.
     """
 
     def __init__(
@@ -275,6 +278,7 @@ class BlockCache:
         disk_bytes: int = 10 << 30,
         *,
         max_workers: int = 4,
+        pending_bytes: int = 64 << 20,
     ) -> None:
         self._memory = _MemoryTier(max(0, memory_bytes))
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="cairn-cache")
@@ -286,6 +290,14 @@ class BlockCache:
         self._started = self._disk is None
         self._start_lock = asyncio.Lock()
         self._hits = self._misses = self._memory_hits = self._disk_hits = 0
+        # Disk writes queued by put_later, oldest first, written one at a time by _writer.
+        self._pending: OrderedDict[str, bytes] = OrderedDict()
+        self._pending_bytes = 0
+        self._pending_limit = max(0, pending_bytes)
+        self._writer: asyncio.Task[None] | None = None
+        self._writing: str | None = None
+        self._evicted_while_writing = False
+        self.dropped_writes = 0
 
     async def start(self) -> None:
         """Rebuilds the disk index from the directory; done on first use if not called."""
@@ -303,6 +315,12 @@ class BlockCache:
         if data is not None:
             self._hits += 1
             self._memory_hits += 1
+            return data
+        data = self._pending.get(key)
+        if data is not None:
+            self._hits += 1
+            self._memory_hits += 1
+            self._memory.put(key, data)
             return data
         await self.start()
         if self._disk is not None:
@@ -324,16 +342,64 @@ class BlockCache:
         if self._disk is not None:
             await self._disk.put(key, data)
 
+    def put_later(self, key: str, data: bytes) -> None:
+        """Keeps `data` in memory now and queues its disk copy (dropped when the queue is
+        full): for read paths, which must not wait for the cache disk."""
+        validate_key(key)
+        data = bytes(data)
+        self._memory.put(key, data)
+        disk = self._disk
+        if disk is None or not disk.enabled or key in self._pending:
+            return
+        if len(data) > disk.quota:
+            return
+        if self._pending_bytes + len(data) > self._pending_limit:
+            self.dropped_writes += 1
+            return
+        self._pending[key] = data
+        self._pending_bytes += len(data)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            key, data = next(iter(self._pending.items()))
+            self._writing, self._evicted_while_writing = key, False
+            try:
+                await self.start()
+                await self._disk.put(key, data)
+                if self._evicted_while_writing:
+                    await self._disk.evict(key)
+            except Exception as error:  # a cache never fails its callers
+                log.warning("block cache: background write of %s failed: %s", key, error)
+            finally:
+                self._writing = None
+                if self._pending.pop(key, None) is not None:
+                    self._pending_bytes -= len(data)
+
+    async def flush(self) -> None:
+        """Waits until the disk writes queued by put_later are done."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
     async def evict(self, key: str) -> None:
         """Drops the block from both tiers."""
         validate_key(key)
         self._memory.pop(key)
+        if key == self._writing:
+            self._evicted_while_writing = True
+        elif (data := self._pending.pop(key, None)) is not None:
+            self._pending_bytes -= len(data)
         await self.start()
         if self._disk is not None:
             await self._disk.evict(key)
 
     def contains(self, key: str) -> bool:
-        return key in self._memory.items or (self._disk is not None and key in self._disk)
+        return (
+            key in self._memory.items
+            or key in self._pending
+            or (self._disk is not None and key in self._disk)
+        )
 
     __contains__ = contains
 
@@ -356,7 +422,14 @@ class BlockCache:
         )
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._pool.shutdown, wait=True)
+        try:
+            await self.flush()
+        finally:
+            writer = self._writer
+            if writer is not None and not writer.done():  # close itself was cancelled
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            await asyncio.to_thread(self._pool.shutdown, wait=True)
 
 
 class CachedStore(ObjectStore):
@@ -396,7 +469,7 @@ class CachedStore(ObjectStore):
 
     async def _fetch(self, key: str) -> bytes:
         data = await self.store.get(key)
-        await self.cache.put(key, data)
+        self.cache.put_later(key, data)  # the reader does not wait for the cache disk
         return data
 
     def _loaded(self, key: str, task: asyncio.Task[bytes]) -> None:

@@ -22,11 +22,12 @@ SETTINGS = config.COMMON + (config.CSI_ENDPOINT, config.KUBECONFIG, LEADER_ELECT
 
 
 async def run(cfg: dict) -> None:
+    from cairn.csi.client import ControllerClient
     from cairn.kube.api import RestAPI
     from cairn.kube.client import api_client
     from cairn.kube.leader import LeaderElector
     from cairn.rpc.channel import open_channel
-    from cairn_attacher.attacher import Attacher, PublishClient
+    from cairn_attacher.attacher import Attacher
 
     async with contextlib.AsyncExitStack() as stack:
         runtime = await open_runtime(cfg)
@@ -40,7 +41,7 @@ async def run(cfg: dict) -> None:
             )
         channel = await open_channel(cfg["csi_endpoint"], ready_timeout=30)
         stack.push_async_callback(channel.close)
-        csi = PublishClient(channel)
+        csi = ControllerClient(channel)
         driver = await csi.driver_name()
         publish = await csi.can_publish()
         log.info("driver %s %s ControllerPublishVolume", driver, "supports" if publish else "lacks")

@@ -16,6 +16,7 @@ import asyncio
 import logging
 from typing import Any
 
+from cairn.csi.client import ControllerClient
 from cairn.errors import CairnError, ConflictError, NotFound, TemporaryError
 from cairn.events.types import VolumeAttached, VolumeDetached
 from cairn.kube.api import (
@@ -30,8 +31,7 @@ from cairn.kube.api import (
 )
 from cairn.kube.reconcile import RECONCILE_BACKOFF, Controller, Informer
 from cairn.retry import Backoff
-from cairn.rpc.gen import csi_pb2, csi_pb2_grpc
-from cairn.rpc.status import translate_rpc_errors
+from cairn.rpc.gen import csi_pb2
 
 log = logging.getLogger(__name__)
 DRIVER = "csi.cairn.io"
@@ -49,41 +49,6 @@ def finalizer_for(driver: str) -> str:
     return "external-attacher/" + driver.replace("/", "-")
 
 
-class PublishClient:
-    """The attacher's calls on the CSI Controller."""
-
-    def __init__(self, channel: Any, timeout: float = 60.0):
-        self.identity = csi_pb2_grpc.IdentityStub(channel)
-        self.controller = csi_pb2_grpc.ControllerStub(channel)
-        self.timeout = timeout
-
-    async def driver_name(self) -> str:
-        with translate_rpc_errors("CSI"):
-            info = await self.identity.GetPluginInfo(
-                csi_pb2.GetPluginInfoRequest(), timeout=self.timeout
-            )
-        return info.name
-
-    async def can_publish(self) -> bool:
-        with translate_rpc_errors("CSI"):
-            answer = await self.controller.ControllerGetCapabilities(
-                csi_pb2.ControllerGetCapabilitiesRequest(), timeout=self.timeout
-            )
-        return any(c.rpc.type == RPC.PUBLISH_UNPUBLISH_VOLUME for c in answer.capabilities)
-
-    async def publish(self, request: Any) -> dict[str, str]:
-        with translate_rpc_errors("ControllerPublishVolume"):
-            answer = await self.controller.ControllerPublishVolume(request, timeout=self.timeout)
-        return dict(answer.publish_context)
-
-    async def unpublish(self, volume_id: str, node_id: str, secrets: dict[str, str]) -> None:
-        request = csi_pb2.ControllerUnpublishVolumeRequest(
-            volume_id=volume_id, node_id=node_id, secrets=secrets
-        )
-        with translate_rpc_errors("ControllerUnpublishVolume"):
-            await self.controller.ControllerUnpublishVolume(request, timeout=self.timeout)
-
-
 def capability(pv: Obj) -> Any:
     spec = pv.get("spec", {})
     modes = spec.get("accessModes") or ["ReadWriteOnce"]
@@ -99,12 +64,12 @@ def capability(pv: Obj) -> Any:
 
 
 class Attacher:
-    """See the module docstring. `csi` is a PublishClient, or None with publish=False."""
+    """See the module docstring. `csi` is a ControllerClient, or None with publish=False."""
 
     def __init__(
         self,
         api: KubeAPI,
-        csi: PublishClient | None,
+        csi: ControllerClient | None,
         events: Any = None,
         *,
         driver: str = DRIVER,

@@ -61,6 +61,7 @@ STAT_TIMEOUT = 3.0
 STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
 RETRY_MAX = 30.0  # seconds between repairs of a mount that keeps failing
 SECRET_META_URL = "metaurl"  # the NodeStage secret naming a volume's file system
+META_ENV = "CAIRN_META_URL"  # how a mount process is given its URL (cairn.cli.mount)
 # sysexits codes `cairn mount` ends with (cairn.errors.exit_code)
 EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TEMPFAIL = 64, 69, 75
 
@@ -350,13 +351,15 @@ class MountProcesses:
         `cairn mount` clears a dead mount left at `staging` by a killed process first."""
         for d in (self.logs, self.caches, self.run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        argv = [sys.executable, "-m", "cairn.cli.main", "mount", meta_url, staging,
+        # The URL (maybe with a password) goes in the environment, never on the command line
+        # (`ps` shows that to every user); `-` tells `cairn mount` to read it from there.
+        argv = [sys.executable, "-m", "cairn.cli.main", "mount", "-", staging,
                 "--subdir", subdir, "--background", "--allow-other",
                 "--log", str(self.log_path(volume_id)),
                 "--cache-dir", str(self.caches / volume_id), "--cache-size", self.cache_size]  # fmt: skip
         if read_only:
             argv.append("--read-only")
-        env = {**os.environ, "CAIRN_RUN_DIR": str(self.run_dir)}
+        env = {**os.environ, "CAIRN_RUN_DIR": str(self.run_dir), META_ENV: meta_url}
         code, out, err = await run(*argv, seconds=START_TIMEOUT, env=env)
         if code != 0:
             raise _start_error(code, scrub(last_line(err or out), meta_url), volume_id)
@@ -381,11 +384,26 @@ class MountProcesses:
 
     @staticmethod
     def url_of(pid: int) -> str:
-        """The META_URL a live `cairn mount` process was started with ("" if none)."""
-        argv = cmdline(pid)
-        with contextlib.suppress(ValueError, IndexError):
-            return argv[argv.index("mount") + 1]
+        """The META_URL a live `cairn mount` process was started with ("" if none): read
+        from its environment (root only), where the plugin put it."""
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return ""
+        prefix = META_ENV.encode() + b"="
+        for item in raw.split(b"\0"):
+            if item.startswith(prefix):
+                return item[len(prefix):].decode(errors="replace")
         return ""
+
+    @staticmethod
+    def options_of(pid: int) -> tuple[str, bool]:
+        """(--subdir, --read-only) of a live `cairn mount` process."""
+        argv = cmdline(pid)
+        subdir = ""
+        with contextlib.suppress(ValueError, IndexError):
+            subdir = argv[argv.index("--subdir") + 1]
+        return subdir, "--read-only" in argv
 
 
 def short_run_dir(data_dir: Path) -> Path:

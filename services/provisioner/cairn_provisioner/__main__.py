@@ -8,9 +8,9 @@ import contextlib
 import logging
 
 from cairn import config
+from cairn.csi.client import RPC, ControllerClient
 from cairn.errors import ConfigError, FailedPrecondition
 from cairn.service import entry, open_runtime
-from cairn_provisioner.csi import RPC, ControllerClient
 
 log = logging.getLogger("cairn_provisioner")
 PROG = "cairn-provisioner"

@@ -303,7 +303,7 @@ def build_pv(
 class Provisioner:
     """Watches the API and reconciles claims and volumes; see the module docstring.
 
-    `csi` is a cairn_provisioner.csi.ControllerClient; `events` appends to the event stream
+    `csi` is a cairn.csi.client.ControllerClient; `events` appends to the event stream
     (an OutboxedStore, or None); `after_create` is called between CreateVolume and the PV
     write (tests use it to stop a provisioner at the worst moment).
     """

@@ -1,4 +1,5 @@
-"""The provisioner's client of the CSI Controller (cairn-meta's, over its unix socket).
+"""A client of a CSI Controller (cairn-meta's, over its unix socket), as the provisioner
+and the attacher call it.
 
 Failures come back as Cairn errors (cairn.rpc.status): ABORTED and UNAVAILABLE are
 temporary, RESOURCE_EXHAUSTED and INVALID_ARGUMENT permanent, and so on.
@@ -57,3 +58,19 @@ class ControllerClient:
             answer.maximum_volume_size.value if answer.HasField("maximum_volume_size") else None
         )
         return answer.available_capacity, maximum
+
+    async def can_publish(self) -> bool:
+        """Whether the driver has ControllerPublish/Unpublish (Cairn's has not)."""
+        return RPC.PUBLISH_UNPUBLISH_VOLUME in await self.capabilities()
+
+    async def publish(self, request: Any) -> dict[str, str]:
+        with translate_rpc_errors("ControllerPublishVolume"):
+            answer = await self.controller.ControllerPublishVolume(request, timeout=self.timeout)
+        return dict(answer.publish_context)
+
+    async def unpublish(self, volume_id: str, node_id: str, secrets: dict[str, str]) -> None:
+        request = csi_pb2.ControllerUnpublishVolumeRequest(
+            volume_id=volume_id, node_id=node_id, secrets=secrets
+        )
+        with translate_rpc_errors("ControllerUnpublishVolume"):
+            await self.controller.ControllerUnpublishVolume(request, timeout=self.timeout)
