@@ -450,6 +450,45 @@ async def test_two_clients_race_on_one_directory(meta, redis_url):
         await other.close()
 
 
+async def test_create_decides_on_the_parent_as_it_is_now(meta, redis_url):
+    """Creates use this client's copy of the parent's attributes and the create script
+    compares it: a change by another client (a chmod, a removal) is never missed."""
+    other = await Meta.open(redis_url)
+    try:
+        d, _ = await meta.mkdir(ROOT, ROOT_INODE, b"shared", 0o777)
+        await meta.create(ALICE, d, b"a", 0o644)  # meta now holds d's attributes
+        await meta.close_file((await meta.lookup(ALICE, d, b"a"))[0])
+        await other.setattr(ROOT, d, mode=0o755)
+        with err(errno.EACCES):
+            await meta.mknod(ALICE, d, b"b", stat.S_IFREG, 0o644)
+        with err(errno.EEXIST):  # EEXIST comes before the missing write permission
+            await meta.mknod(ALICE, d, b"a", stat.S_IFREG, 0o644)
+        await other.setattr(ROOT, d, mode=0o2777, gid=1000)
+        ino, attr = await meta.mknod(BOB, d, b"c", stat.S_IFREG, 0o644)
+        assert attr.gid == 1000  # the setgid bit set by the other client is honoured
+        sub, _ = await meta.mkdir(ROOT, d, b"sub", 0o755)
+        await meta.create(ROOT, sub, b"x", 0o644)
+        await other.unlink(ROOT, sub, b"x")
+        await other.rmdir(ROOT, d, b"sub")
+        with err(errno.ENOENT):
+            await meta.create(ROOT, sub, b"y", 0o644)
+        assert (await meta.getattr(d)).nlink == 2
+    finally:
+        await other.close()
+
+
+async def test_the_common_close_keeps_unlinked_open_files(meta, redis_url):
+    ino, _ = await meta.create(ROOT, ROOT_INODE, b"f", 0o644)
+    ino2, _ = await meta.create(ROOT, ROOT_INODE, b"g", 0o644)
+    await meta.close_file(ino2)  # still linked: stays
+    assert (await meta.getattr(ino2)).nlink == 1
+    await meta.unlink(ROOT, ROOT_INODE, b"f")
+    assert (await meta.getattr(ino)).nlink == 0  # open: kept until the last close
+    await meta.close_file(ino)
+    with err(errno.ENOENT):
+        await meta.getattr(ino)
+
+
 async def test_resolve_path_and_loops(meta):
     a, _ = await meta.mkdir(ROOT, ROOT_INODE, b"a", 0o755)
     f, _ = await meta.mknod(ROOT, a, b"f", stat.S_IFREG, 0o644)

@@ -148,6 +148,10 @@ class ChunkReader:
             task.cancel()
         await asyncio.gather(*self._prefetches, return_exceptions=True)
         self._prefetches.clear()
+        fetches = list(self._inflight.values())
+        for task in fetches:
+            task.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
         self._blocks.clear()
         self._memory = 0
 

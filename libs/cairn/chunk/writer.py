@@ -108,11 +108,17 @@ class SliceWriter:
 
     def take_full_blocks(self, block_size: int) -> list[tuple[int, bytes]]:
         """Detach the whole blocks of the tail, as (block index, bytes), freezing them."""
+        count = len(self.tail) // block_size
+        if not count:
+            return []
         blocks = []
-        while len(self.tail) >= block_size:
-            blocks.append((self.frozen // block_size, bytes(self.tail[:block_size])))
-            del self.tail[:block_size]
-            self.frozen += block_size
+        # one copy per block (straight out of the buffer), and one move of the rest
+        with memoryview(self.tail) as view:
+            for i in range(count):
+                with view[i * block_size : (i + 1) * block_size] as piece:
+                    blocks.append((self.frozen // block_size + i, bytes(piece)))
+        del self.tail[: count * block_size]
+        self.frozen += count * block_size
         return blocks
 
     def take_rest(self, block_size: int) -> tuple[int, bytes] | None:

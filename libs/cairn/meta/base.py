@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -136,6 +137,31 @@ class MetaBase:
         self._opens: dict[int, int] = {}
         self._trash_dirs: dict[bytes, int] = {}
         self._session_info: dict[str, str] = {}
+        self._scripts: dict[str, Any] = {}
+        # Packed attributes of directories as this client last saw them: creates check
+        # against them and the create script compares, so a stale one costs a round trip.
+        self._dir_raw: dict[int, bytes] = {}
+
+    # -- Lua scripts ------------------------------------------------------------------------
+
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Runs the script `name`.lua beside this module (EVALSHA, loaded on first use)."""
+        script = self._scripts.get(name)
+        if script is None:
+            text = (Path(__file__).parent / f"{name}.lua").read_text()
+            script = self._scripts[name] = self.r.register_script(text)
+        try:
+            return await script(keys=keys, args=args)
+        except REDIS_ERRORS as error:
+            raise unavailable(self.url, error) from None
+
+    def _remember_dir(self, ino: int, raw: bytes | None) -> None:
+        if raw is None:
+            self._dir_raw.pop(ino, None)
+            return
+        if len(self._dir_raw) >= 10_000:
+            self._dir_raw.clear()
+        self._dir_raw[ino] = raw
 
     # -- transactions -------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cairn.errors import FSError
+from cairn.errors import ConflictError, FSError
 from cairn.meta import keys, perms
-from cairn.meta.base import Tx, now_ns
+from cairn.meta.base import REDIS_ERRORS, Tx, now_ns, unavailable
 from cairn.meta.types import (
     MAX_NAME,
     R_OK,
@@ -42,6 +42,7 @@ from cairn.meta.types import (
 MAX_SYMLINK = 4095
 MAX_SYMLINK_HOPS = 40
 _NO_ID = (None, -1, 0xFFFFFFFF)
+CREATE_ATTEMPTS = 1000  # a create meeting a parent that keeps changing gives up after this
 
 Queue = Callable[[Any], None]
 
@@ -55,6 +56,25 @@ def check_name(name: bytes) -> None:
 
 def _hidden(parent: int, name: bytes) -> bool:
     return parent == ROOT_INODE and name == TRASH_NAME
+
+
+def _create_refusals(ctx: Ctx, pattr: Attr, is_dir: bool, max_nlink: int) -> tuple[str, str]:
+    """The errno names a create in `pattr` fails with before and after the existence check."""
+    if not pattr.is_dir():
+        return "ENOTDIR", ""
+    if not perms.allowed(ctx, pattr, X_OK):
+        return "EACCES", ""
+    if not perms.allowed(ctx, pattr, W_OK):
+        return "", "EACCES"
+    if pattr.nlink == 0:
+        return "", "ENOENT"
+    if is_dir and pattr.nlink >= max_nlink:
+        return "", "EMLINK"
+    return "", ""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class NamespaceMixin:
@@ -172,8 +192,7 @@ class NamespaceMixin:
         self, ctx: Ctx, parent: int, name: bytes, mode: int, flags: int = os.O_RDWR
     ) -> tuple[int, Attr]:
         """Makes a regular file and opens it (close() it later)."""
-        attr = await self._create(ctx, parent, name, stat.S_IFREG, mode)
-        await self._register_open(attr.inode)
+        attr = await self._create(ctx, parent, name, stat.S_IFREG, mode, opening=True)
         return attr.inode, attr
 
     async def symlink(self, ctx: Ctx, parent: int, name: bytes, target: bytes) -> tuple[int, Attr]:
@@ -191,7 +210,10 @@ class NamespaceMixin:
         mode: int,
         rdev: int = 0,
         target: bytes | None = None,
+        opening: bool = False,
     ) -> Attr:
+        """Makes the entry in one round trip (create.lua) when this client's copy of the
+        parent's attributes is current, and registers the open too if `opening`."""
         check_name(name)
         if name in (b".", b"..") or _hidden(parent, name):
             raise FSError(errno.EEXIST, f"{name!r} exists")
@@ -202,43 +224,67 @@ class NamespaceMixin:
         size = 4096 if is_dir else len(target) if target else 0
         space = align4k(size)
         dirs = await self._quota_chain(parent)
-        await self._check_usage(dirs, space, 1)
-
-        async def body(tx: Tx) -> Attr:
-            pattr = await self._get_dir(tx.p, parent)
-            perms.check(ctx, pattr, X_OK)
-            if await tx.p.hexists(keys.entries(parent), name):
-                raise FSError(errno.EEXIST, f"{name!r} exists in {parent}")
-            perms.check(ctx, pattr, W_OK)
-            if pattr.nlink == 0:
-                raise FSError(errno.ENOENT, f"directory {parent} was removed")
-            if is_dir and pattr.nlink >= self.max_nlink:
-                raise FSError(errno.EMLINK, f"directory {parent} has too many links")
-            bits = 0o777 if target else mode & 0o7777 & ~ctx.umask
-            gid = ctx.gid
-            if pattr.mode & stat.S_ISGID:
-                gid = pattr.gid
+        fmt = self.fmt
+        sid = self.sid if opening else None
+        script_keys = [
+            keys.attr(parent), keys.entries(parent), keys.names(parent), keys.attr(ino),
+            keys.symlink(ino), keys.USED_SPACE, keys.USED_INODES, keys.QUOTA,
+            keys.QUOTA_SPACE, keys.QUOTA_INODES, keys.opened(ino),
+            keys.session_open(sid if sid is not None else 0),
+        ]  # fmt: skip
+        self.stats.txn += 1
+        async with self._inode_locks([parent]):
+            raw = self._dir_raw.get(parent)
+            if raw is None:
+                raw = await self._eval_get(keys.attr(parent))
+            for _ in range(CREATE_ATTEMPTS):
+                if raw is None:
+                    self._remember_dir(parent, None)
+                    raise FSError(errno.ENOENT, f"no inode {parent}")
+                pattr = Attr.unpack(parent, raw)
+                before, after = _create_refusals(ctx, pattr, is_dir, self.max_nlink)
+                bits = 0o777 if target else mode & 0o7777 & ~ctx.umask
+                gid = ctx.gid
+                if pattr.mode & stat.S_ISGID:
+                    gid = pattr.gid
+                    if is_dir:
+                        bits |= stat.S_ISGID
+                if not is_dir and bits & stat.S_ISGID and ctx.uid != 0 and not ctx.in_group(gid):
+                    bits &= ~stat.S_ISGID
+                now = now_ns()
+                attr = Attr(ino, kind | bits, ctx.uid, gid, size, 2 if is_dir else 1, rdev,
+                            now, now, now, parent)  # fmt: skip
+                pattr.mtime = pattr.ctime = now
                 if is_dir:
-                    bits |= stat.S_ISGID
-            if not is_dir and bits & stat.S_ISGID and ctx.uid != 0 and not ctx.in_group(gid):
-                bits &= ~stat.S_ISGID
-            now = now_ns()
-            attr = Attr(ino, kind | bits, ctx.uid, gid, size, 2 if is_dir else 1, rdev,
-                        now, now, now, parent)  # fmt: skip
-            pattr.mtime = pattr.ctime = now
-            if is_dir:
-                pattr.nlink += 1
-            p = tx.multi()
-            p.set(keys.attr(ino), attr.pack())
-            p.set(keys.attr(parent), pattr.pack())
-            p.hset(keys.entries(parent), name, pack_entry(kind, ino))
-            p.zadd(keys.names(parent), {name: 0})
-            if target:
-                p.set(keys.symlink(ino), target)
-            self._queue_usage(p, dirs, space, 1)
-            return attr
+                    pattr.nlink += 1
+                new_raw = pattr.pack()
+                args = [
+                    raw, new_raw, name, pack_entry(kind, ino), attr.pack(), target or b"",
+                    space, fmt.capacity or 0, fmt.inodes or 0, before, after,
+                    "" if sid is None else sid, ino, *dirs,
+                ]  # fmt: skip
+                answer = await self._eval("create", script_keys, args)
+                outcome = int(answer[0])
+                if outcome == 0:
+                    self._remember_dir(parent, new_raw)
+                    if opening:
+                        self._opens[ino] = self._opens.get(ino, 0) + 1
+                    return attr
+                if outcome == 1:  # the parent changed: decide again on what it is now
+                    self.stats.txn_restarts += 1
+                    raw = answer[1] if len(answer) > 1 else None
+                    self._remember_dir(parent, raw)
+                    continue
+                self._remember_dir(parent, raw)
+                code, message = (_text(x) for x in answer[1:3])
+                raise FSError(getattr(errno, code), f"{name!r} in {parent}: {message}")
+        raise ConflictError(f"creating {name!r} in {parent} kept conflicting")
 
-        return await self._txn(body, keys.attr(parent), keys.entries(parent), lock=[parent])
+    async def _eval_get(self, key: str) -> bytes | None:
+        try:
+            return await self.r.get(key)
+        except REDIS_ERRORS as error:
+            raise unavailable(self.url, error) from None
 
     async def link(self, ctx: Ctx, inode: int, newparent: int, newname: bytes) -> Attr:
         check_name(newname)
@@ -763,6 +809,13 @@ class NamespaceMixin:
         await self._release_open(inode, self.sid)
 
     async def _release_open(self, inode: int, sid: int | None) -> None:
+        if sid is not None and inode not in self._opens:
+            # the common case (the file is still linked) in one round trip
+            args = [sid, inode]
+            script_keys = [keys.attr(inode), keys.opened(inode), keys.session_open(sid)]
+            if not int(await self._eval("release", script_keys, args)):
+                return
+
         async def body(tx: Tx) -> tuple[int, int] | None:
             raw = await tx.p.get(keys.attr(inode))
             holders = {int(s) for s in await tx.p.smembers(keys.opened(inode))}

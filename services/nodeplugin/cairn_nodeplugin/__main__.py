@@ -9,18 +9,21 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from cairn import config
 from cairn.csi.health import Healthz
 from cairn.csi.identity import NODE_CAPABILITIES, Identity
 from cairn.csi.registration import Registrar
-from cairn.errors import ConfigError
+from cairn.errors import ConfigError, UnavailableError
+from cairn.events import EventStore, JetStreamBus, OutboxedStore
 from cairn.rpc.channel import parse_endpoint
 from cairn.rpc.gen import csi_pb2_grpc
 from cairn.rpc.server import RpcServer
-from cairn.service import entry, open_runtime, wait_forever
+from cairn.service import Runtime, entry, open_runtime, wait_forever
 from cairn.telemetry.grpc_otel import server_interceptors
 from cairn.telemetry.metrics import start_metrics_server
+from cairn_nodeplugin.history import LocalDeletions
 from cairn_nodeplugin.mounts import Keeper, MountProcesses
 from cairn_nodeplugin.node import CapacityReporter, FileSystems, NodeConfig, NodeService, readiness
 from cairn_nodeplugin.state import StateFile, Table
@@ -80,14 +83,17 @@ async def run(cfg: dict) -> None:
     node_cfg = node_config(cfg, data)
     kubelet_path = cfg.get("kubelet_registration_path") or parse_endpoint(
         cfg["csi_endpoint"]).path  # fmt: skip
-    runtime = await open_runtime(cfg)
+    runtime, history_store = await open_events(cfg, data)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(runtime.close)
         filesystems = FileSystems()
         stack.push_async_callback(filesystems.close)
         keeper = Keeper(Table(StateFile(data / "volumes.json")), MountProcesses(data),
-                        runtime.events, node_cfg.node_id, node_cfg.meta_url)  # fmt: skip
-        keeper.restore()  # the volumes staged before a restart: served on, repaired if dead
+                        runtime.events, node_cfg.node_id, node_cfg.meta_url,
+                        node_cfg.local_root)  # fmt: skip
+        # The volumes staged before a restart: rebuilt from the event history and the mount
+        # table, served on, repaired if dead.
+        await keeper.restore(history_store)
         csi = RpcServer(cfg["csi_endpoint"], interceptors=server_interceptors())
         csi.add(
             csi_pb2_grpc.add_IdentityServicer_to_server,
@@ -103,6 +109,8 @@ async def run(cfg: dict) -> None:
         for job in (
             keeper.watch(cfg["watch_interval"]),
             CapacityReporter(node_cfg, runtime.events, cfg["capacity_interval"]).run(),
+            LocalDeletions(runtime.store, node_cfg.node_id, node_cfg.local_root,
+                           keeper.table).run(),
         ):
             stack.push_async_callback(cancel_and_wait, asyncio.create_task(job))
         if health:
@@ -122,6 +130,24 @@ async def run(cfg: dict) -> None:
             await registrar.refused()  # raises: the process ends non-zero, kubelet retries
         else:
             await wait_forever()
+
+
+async def open_events(cfg: dict, data: Path) -> tuple[Runtime, Any]:
+    """The service runtime, and the event store to rebuild from (None when NATS is down at
+    start: the plugin then starts from volumes.json and the mount table, its events wait in
+    the outbox and the bus is connected in the background)."""
+    try:
+        runtime = await open_runtime(cfg)
+    except UnavailableError as error:
+        log.warning("NATS is down at start (%s): rebuilding from volumes.json and the mount "
+                    "table; events wait in the outbox", error)  # fmt: skip
+        bus = await JetStreamBus.connect(cfg["nats_url"], name=cfg["service"], wait=False)
+        store = EventStore(bus, max_age=float(cfg.get("stream_max_age") or 0) * 86400,
+                           num_replicas=int(cfg.get("stream_replicas") or 1))  # fmt: skip
+        events = OutboxedStore(store, data / "outbox")
+        await events.start()
+        return Runtime(cfg, bus, store, events), None
+    return runtime, runtime.store
 
 
 async def cancel_and_wait(task: asyncio.Task) -> None:

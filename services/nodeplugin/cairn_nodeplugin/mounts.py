@@ -50,7 +50,7 @@ from cairn.events.types import Event, MountRecovered
 from cairn.fuse.mount import mount_slug
 from cairn.telemetry import propagation
 from cairn.telemetry.tracing import tracer
-from cairn_nodeplugin.state import Table, Volume
+from cairn_nodeplugin.state import Table, Target, Volume
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,8 @@ class Keeper:
     share with the repairs."""
 
     def __init__(self, table: Table, processes: MountProcesses, events: Any, node_id: str,
-                 meta_url: str | None = None):  # fmt: skip
+                 meta_url: str | None = None, local_root: str = ""):  # fmt: skip
+        self.local_root = local_root
         self.table = table
         self.processes = processes
         self.events = events
@@ -574,6 +575,10 @@ class Keeper:
         if reason:
             log.warning("volume %s: %s: restoring its mount", volume.volume_id, reason)
             if volume.kind == "shared":
+                if not volume.source:  # rebuilt from events alone, its process gone
+                    raise FailedPrecondition(
+                        f"the directory of volume {volume.volume_id} is unknown since a restart:"
+                        " it is repaired when kubelet stages it again")  # fmt: skip
                 volume.meta_url = secrets.get(SECRET_META_URL) or volume.meta_url or (
                     self._known_url(volume))  # fmt: skip
                 if serves(volume.pid, volume.staging_path):
@@ -606,20 +611,91 @@ class Keeper:
             "plugin no longer knows: it is repaired when kubelet stages it again"
         )
 
-    def restore(self) -> None:
-        """Loads the table after a restart of the plugin; the watcher then repairs what died
-        while it was away."""
+    async def restore(self, store: Any = None, timeout: float = 30.0) -> None:
+        """Rebuilds the table after a restart of the plugin: the volumes the event history
+        says are staged on this node, with volumes.json as a cache of their details, both
+        checked against the mount table and the live mount processes; without the history
+        (NATS down), volumes.json and the mount table alone. The watcher then repairs what
+        died while the plugin was away."""
+        from cairn_nodeplugin import history
+
         self.table.load()
+        cached = dict(self.table.volumes)
+        replayed = None
+        if store is not None:
+            try:
+                replayed = await asyncio.wait_for(history.replay(store, self.node_id), timeout)
+            except (CairnError, TimeoutError, KeyError, TypeError, ValueError) as error:
+                log.warning("cannot read the event history (%s): rebuilding from volumes.json "
+                            "and the mount table", error or "no answer")  # fmt: skip
+        else:
+            log.warning("no event history (NATS is down): rebuilding from volumes.json and "
+                        "the mount table")  # fmt: skip
+        if replayed is not None:
+            volumes: dict[str, Volume] = {}
+            for vid, seen in replayed.items():
+                volume = cached.get(vid)
+                if volume is None or volume.staging_path != seen.staging_path:
+                    volume = self._from_history(seen)
+                    if volume is None:
+                        continue
+                for path, read_only in seen.targets.items():
+                    volume.targets.setdefault(path, Target(path=path, read_only=read_only))
+                volumes[vid] = volume
+            for vid, volume in cached.items():  # its events may still wait in the outbox
+                if vid not in volumes and (is_mounted(volume.staging_path) or serves(
+                        volume.pid, volume.staging_path)):  # fmt: skip
+                    volumes[vid] = volume
+            self.table.volumes = volumes
         for volume in self.table:
-            if volume.kind != "shared":
-                continue
-            if not serves(volume.pid, volume.staging_path):
-                volume.pid = self.processes.pid_of(volume.staging_path) or volume.pid
-            if volume.meta == "secret" and serves(volume.pid, volume.staging_path):
-                volume.meta_url = self.processes.url_of(volume.pid)
+            self._check_restored(volume)
+        self.table.save()
         if len(self.table):
             log.info("serving %d staged volumes again: %s", len(self.table),
                      ", ".join(v.volume_id for v in self.table))  # fmt: skip
+
+    def _from_history(self, seen: Any) -> Volume | None:
+        """A volume known only from its events, its details read from the system."""
+        staging = seen.staging_path
+        pid = self.processes.pid_of(staging) or (seen.pid if serves(seen.pid, staging) else 0)
+        entry = mounted_at(staging)
+        volume = Volume(volume_id=seen.volume_id, kind="shared", staging_path=staging,
+                        source="", pid=pid, log=str(self.processes.log_path(seen.volume_id)),
+                        staged_at=time.time())  # fmt: skip
+        if pid:
+            volume.source, volume.read_only = self.processes.options_of(pid)
+        elif seen.node or (entry is not None and not entry.fstype.startswith("fuse")):
+            source = seen.path or (os.path.join(self.local_root, seen.volume_id)
+                                   if self.local_root else "")  # fmt: skip
+            if not source:
+                log.warning("volume %s: staged at %s by the events, but where its directory is "
+                            "is unknown: dropped", seen.volume_id, staging)  # fmt: skip
+                return None
+            volume.kind, volume.source, volume.log = "local", source, ""
+            volume.read_only = entry is not None and "ro" in entry.options.split(",")
+        else:
+            volume.source = seen.path  # shared, its process dead: the watcher restarts it
+            volume.pid = seen.pid
+        log.info("volume %s rebuilt from its event history (%s, staged at %s)",
+                 seen.volume_id, volume.kind, staging)  # fmt: skip
+        return volume
+
+    def _check_restored(self, volume: Volume) -> None:
+        """Live PID and URL of a restored volume; targets no longer there dropped (one not
+        mounted whose directory is still there is bound again by the watcher)."""
+        if volume.kind == "shared":
+            if not serves(volume.pid, volume.staging_path):
+                volume.pid = self.processes.pid_of(volume.staging_path) or volume.pid
+            if serves(volume.pid, volume.staging_path):
+                url = self.processes.url_of(volume.pid)
+                if url:
+                    volume.meta = "default" if url == self.meta_url else "secret"
+                    if volume.meta == "secret":
+                        volume.meta_url = url
+        for path in list(volume.targets):
+            if not is_mounted(path) and not os.path.isdir(path):
+                log.info("volume %s: target %s is gone: dropped", volume.volume_id, path)
+                del volume.targets[path]
 
     async def watch(self, interval: float) -> None:
         """The watcher: looks at every staged volume each `interval` seconds."""

@@ -23,7 +23,8 @@ The file system of a shared volume is this plugin's --meta-url, or the one the N
 secrets name (`metaurl`) when the volume_context says `meta: secret`; that URL carries a
 password, so it is never logged, stored on disk or put in an event. Each change is an event
 (VolumeStaged, VolumePublished, VolumeUnpublished, VolumeUnstaged, MountRecovered) on the
-volume's aggregate, carrying the trace of the CSI call.
+volume's aggregate, carrying the node and the trace of the CSI call: the plugin rebuilds its
+table from them after a restart (mounts.Keeper.restore, history.py).
 """
 
 from __future__ import annotations
@@ -247,6 +248,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             volume = self.table.get(vid)
             if volume is not None:
                 _check_restage(volume, staging, cap)
+                if volume.kind == "shared" and not volume.source:  # rebuilt from events
+                    volume.source = check_shared_path(request.volume_context.get("path", ""))
+                    self.table.save()
                 if await self.keeper.problem(volume):
                     await self.keeper.recover(volume, dict(request.secrets), trace)
                 return csi_pb2.NodeStageVolumeResponse()
@@ -370,6 +374,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                          f"not {staging}")  # fmt: skip
             wanted = Target(path=target, read_only=read_only, capability=fingerprint(cap))
             existing = volume.targets.get(target)
+            if existing is not None and not existing.capability:  # rebuilt from events
+                existing.capability = wanted.capability
             if existing is not None:
                 if existing != wanted:
                     raise AlreadyExists(f"volume {vid} is published at {target} with other "
@@ -527,6 +533,9 @@ def _check_restage(volume: Volume, staging: str, cap: Any) -> None:
         raise FailedPrecondition(
             f"volume {volume.volume_id} is already staged at {volume.staging_path}"
         )
+    if not volume.capability:  # rebuilt from the event history, which does not keep it
+        volume.capability = fingerprint(cap)
+        volume.access_mode = cap.access_mode.mode
     if volume.capability != fingerprint(cap):
         raise AlreadyExists(
             f"volume {volume.volume_id} is staged at {staging} with another capability"

@@ -1,10 +1,11 @@
 """What this node has staged and published, kept across restarts of the node plugin.
 
 The table of staged volumes lives in memory and in one small JSON file in the plugin's data
-directory (`volumes.json`, root-only), rewritten whole and atomically after every change, so a
-plugin that restarts (an upgrade, a crash, a liveness kill) finds the volumes it staged, their
-mount processes and their published targets, and keeps serving them: the mount processes are
-detached and outlive the plugin.
+directory (`volumes.json`, root-only), rewritten whole and atomically after every change. The
+record of truth is the event history (VolumeStaged/Published/Unpublished/Unstaged carry the
+node): a plugin that restarts rebuilds the table from it and the mount table
+(mounts.Keeper.restore), using volumes.json only as a cache of details, and keeps serving the
+volumes: the mount processes are detached and outlive the plugin.
 
 A change is recorded before the work it describes (a target is added, then bound), so a
 crash in between leaves a record the next call or the watcher completes; the kernel's own
@@ -12,7 +13,8 @@ table (/proc/self/mountinfo) tells what is really mounted.
 
 No secret is written here. A shared volume whose file system was named by the NodeStage
 secrets (`meta: "secret"`) keeps its URL in memory only; after a restart it is read back from
-the live mount process's command line (where `cairn mount` was given it), and is unknown
+the live mount process's environment (CAIRN_META_URL, where `cairn mount` was given it, never
+its command line), and is unknown
 again only if that process died while the plugin was down, in which case the volume is
 reported abnormal until kubelet stages it again.
 """
