@@ -13,10 +13,10 @@ import pytest
 
 from cairn.errors import NotFound
 from cairn.storage import BlockCache, CachedStore, block_key, open_store
-from cairn.storage.cache import TEMP_PREFIX
+from cairn.storage.cache import PIECE, TEMP_PREFIX, trailer_size
 from cairn.storage.file import FileStore
 
-TRAILER = 8  # bytes each disk file carries besides the block (crc32 + magic)
+TRAILER = trailer_size(100)  # bytes each disk file carries besides a 100-byte block
 VOL = "vol"
 
 
@@ -435,3 +435,62 @@ async def test_evicting_a_queued_block_drops_its_disk_write(tmp_path):
     assert not cache.contains(key(1)) and not cache.contains(key(2))
     assert cache.stats().disk_items == 0
     await cache.close()
+
+
+# -- ranged reads of the disk tier -------------------------------------------------------
+
+
+def big(n: int, size: int) -> bytes:
+    return bytes((n + i * 7) % 251 for i in range(size))
+
+
+async def test_ranged_disk_reads_read_and_check_only_their_pieces(tmp_path):
+    root = tmp_path / "cache"
+    size = 5 * PIECE + 123
+    data = big(1, size)
+    cache = BlockCache(0, root, 1 << 20)
+    await cache.put(key(1, size), data)
+    assert cache.stats().disk_bytes == size + trailer_size(size)
+    for offset, length in [(0, 10), (PIECE - 3, 6), (2 * PIECE, PIECE), (size - 5, 100),
+                           (3 * PIECE + 1, -1), (size, 4), (size + 10, 4), (0, -1)]:  # fmt: skip
+        want = data[offset:] if length < 0 else data[offset : offset + length]
+        assert await cache.get_range(key(1, size), offset, length) == want
+    # damage the last piece: reads of the first pieces still pass, its own read drops it
+    path = next(p for p in root.rglob("*") if p.is_file())
+    raw = bytearray(path.read_bytes())
+    raw[5 * PIECE + 1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert await cache.get_range(key(1, size), 10, 20) == data[10:30]
+    assert await cache.get_range(key(1, size), 5 * PIECE, 10) is None
+    assert not cache.contains(key(1, size))
+    await cache.close()
+
+
+async def test_blocks_in_the_older_single_crc_format_are_still_read(tmp_path):
+    import struct
+    import zlib
+
+    root = tmp_path / "cache"
+    first = BlockCache(0, root, 1 << 20)
+    await first.put(key(1), blob(1))
+    await first.close()
+    path = next(p for p in root.rglob("*") if p.is_file())
+    path.write_bytes(blob(1) + struct.pack(">I4s", zlib.crc32(blob(1)), b"CRC1"))
+    second = BlockCache(0, root, 1 << 20)
+    assert await second.get(key(1)) == blob(1)
+    assert await second.get_range(key(1), 10, 5) == blob(1)[10:15]
+    await second.close()
+
+
+async def test_ranged_store_reads_use_the_disk_tier(backing, tmp_path):
+    size = 3 * PIECE
+    data = big(2, size)
+    await backing.put(key(2, size), data)
+    store = CachedStore(backing, BlockCache(0, tmp_path / "cache", 1 << 20))
+    assert await store.get(key(2, size)) == data
+    await store.cache.flush()
+    backing.gets.clear()
+    assert await store.get(key(2, size), PIECE + 5, 4096) == data[PIECE + 5 : PIECE + 5 + 4096]
+    assert backing.gets == []
+    assert store.cache.stats().disk_hits == 1
+    await store.close()

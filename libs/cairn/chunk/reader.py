@@ -12,7 +12,8 @@ byte, id 0 for holes); each segment names a byte range of one immutable slice, w
 A small read that is not sequential and misses every cache does not wait for a whole
 block either: it takes a ranged GET of just the bytes it needs, and the whole block is
 fetched into the caches in the background (a few at a time, apart from foreground reads),
-so the reads after it hit.
+so the reads after it hit. Such a read of a block the store's cache holds is a ranged read
+of the cache (which reads only the pieces it needs from its disk tier).
 
 Block keys name immutable objects, so neither the LRU nor the cache can ever be stale.
 
@@ -191,8 +192,11 @@ class ChunkReader:
         block = self._blocks.get(piece.key)
         if block is not None:
             self._blocks.move_to_end(piece.key)
-        elif small and self.codec.name == "none" and not self._in_store_cache(piece.key):
-            self._fetch_in_background(piece.key, piece.block_len)
+        elif small and self.codec.name == "none" and piece.key not in self._inflight:
+            # a ranged read: of the store's cache when it has the block (only the pieces
+            # needed are read from its disk), else of the store, the whole block following
+            if not self._in_store_cache(piece.key):
+                self._fetch_in_background(piece.key, piece.block_len)
         elif self.whole_blocks or piece.key in self._inflight:
             block = await self._whole_block(piece.key, piece.block_len)
         if block is not None:

@@ -88,11 +88,10 @@ class NamespaceMixin:
     async def lookup(self, ctx: Ctx, parent: int, name: bytes) -> tuple[int, Attr]:
         if len(name) > MAX_NAME:
             raise FSError(errno.ENAMETOOLONG, f"name longer than {MAX_NAME} bytes")
-        pipe = self.r.pipeline(transaction=False)
-        pipe.get(keys.attr(parent))
-        pipe.hget(keys.entries(parent), name)
-        raw_parent, value = await pipe.execute()
-        if raw_parent is None:
+        raw_parent, value, raw_child = await self._eval(
+            "lookup", [keys.attr(parent), keys.entries(parent)], [name, keys.attr("%s")]
+        )
+        if not raw_parent:
             raise FSError(errno.ENOENT, f"no inode {parent}")
         pattr = Attr.unpack(parent, raw_parent)
         if not pattr.is_dir():
@@ -105,10 +104,12 @@ class NamespaceMixin:
             return up, await self.getattr(up)
         if _hidden(parent, name):
             return TRASH_INODE, await self.getattr(TRASH_INODE)
-        if value is None:
+        if not value:
             raise FSError(errno.ENOENT, f"no entry {name!r} in {parent}")
         _, ino = unpack_entry(value)
-        return ino, await self.getattr(ino)
+        if not raw_child:  # removed in between: as the lookup would have found it
+            raise FSError(errno.ENOENT, f"no inode {ino}")
+        return ino, Attr.unpack(ino, raw_child)
 
     async def readlink(self, inode: int) -> bytes:
         target = await self.r.get(keys.symlink(inode))

@@ -7,8 +7,11 @@ Two tiers, both keyed by object key and both least-recently-used within a byte q
   restart: at start the directory is scanned and the index rebuilt, oldest access first
   (a hit touches the file's times, which is what the scan orders by).
 
-A cache is an optimisation, never a source of failures. Each disk file carries a CRC32
-trailer, so a block torn by a crash or damaged on disk is dropped instead of served; and if
+A cache is an optimisation, never a source of failures. Each disk file carries a trailer
+of CRC32s, one per 64 KiB piece of the block, then the block's length and a magic, so a
+block torn by a crash or damaged on disk is dropped instead of served, and a ranged read
+reads (pread) and checks only the pieces it needs (files of the older format, one CRC over
+the whole block, are still read, whole); and if
 the disk itself fails (a read or write raises OSError: directory removed or replaced,
 read-only, full), the disk tier logs once and switches itself off, and callers simply miss
 and go to the object store. No OSError ever reaches a caller.
@@ -37,8 +40,24 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TEMP_PREFIX = RESERVED_PREFIX + "tmp-"
-_MAGIC = b"CRC1"
-_TRAILER = struct.Struct(">I4s")  # crc32 of the data, then the magic
+_MAGIC_V1 = b"CRC1"
+_TRAILER_V1 = struct.Struct(">I4s")  # crc32 of the whole block, then the magic
+_MAGIC = b"CRC2"
+_FOOTER = struct.Struct(">Q4s")  # after the piece CRCs: the block's length, the magic
+_CRC = struct.Struct(">I")
+PIECE = 64 * 1024  # bytes covered by one CRC
+
+
+def trailer_size(length: int) -> int:
+    """Bytes a disk file carries besides a block of `length` bytes."""
+    return _CRC.size * -(-length // PIECE) + _FOOTER.size
+
+
+def _piece_crcs(data: bytes | memoryview) -> bytes:
+    with memoryview(data) as view:
+        return b"".join(
+            _CRC.pack(zlib.crc32(view[i : i + PIECE])) for i in range(0, len(view), PIECE)
+        )
 
 
 @dataclass(frozen=True)
@@ -111,11 +130,12 @@ class _DiskTier:
     def __contains__(self, key: str) -> bool:
         return self.enabled and key in self.index
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, offset: int = 0, length: int = -1) -> bytes | None:
+        """The block, or bytes [offset, offset + length) of it (length -1: to the end)."""
         if key not in self:
             return None
         try:
-            data = await self._io(self._read, key)
+            data = await self._io(self._read, key, offset, length)
         except OSError as error:
             self._fail(error, "read")
             return None
@@ -126,7 +146,7 @@ class _DiskTier:
         return data
 
     async def put(self, key: str, data: bytes) -> None:
-        size = len(data) + _TRAILER.size
+        size = len(data) + trailer_size(len(data))
         if not self.enabled or size > self.quota:
             return
         try:
@@ -208,23 +228,47 @@ class _DiskTier:
                 found.append((max(st.st_atime, st.st_mtime), key, st.st_size))
         return found
 
-    def _read(self, key: str) -> bytes | None:
+    def _read(self, key: str, offset: int = 0, length: int = -1) -> bytes | None:
         path = self._path(key)
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed just below)
         except FileNotFoundError:
             if not self.root.is_dir():
                 raise  # the whole cache directory is gone: a disk failure
             return None  # just this block was removed behind our back
-        if len(raw) < _TRAILER.size:
-            return self._damaged(path, key)
-        data, trailer = raw[: -_TRAILER.size], raw[-_TRAILER.size :]
-        crc, magic = _TRAILER.unpack(trailer)
-        if magic != _MAGIC or crc != zlib.crc32(data):
+        with f:
+            data = self._read_fd(f.fileno(), offset, length)
+        if data is None:
             return self._damaged(path, key)
         os.utime(path)  # persist the LRU order for the scan after a restart
         return data
+
+    @staticmethod
+    def _read_fd(fd: int, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset + length) of the block in the open file, None if damaged."""
+        size = os.fstat(fd).st_size
+        tail = os.pread(fd, min(size, _FOOTER.size), max(0, size - _FOOTER.size))
+        if tail[-4:] == _MAGIC and len(tail) == _FOOTER.size:
+            data_len = _FOOTER.unpack(tail)[0]
+            if size != data_len + trailer_size(data_len):
+                return None
+            end = data_len if length < 0 else min(data_len, offset + length)
+            if offset >= end:
+                return b""
+            first, last = offset // PIECE, (end - 1) // PIECE
+            lo, hi = first * PIECE, min(data_len, (last + 1) * PIECE)
+            raw = os.pread(fd, hi - lo, lo)
+            crcs = os.pread(fd, _CRC.size * (last - first + 1), data_len + _CRC.size * first)
+            if len(raw) != hi - lo or crcs != _piece_crcs(raw):
+                return None
+            return raw if (lo, hi) == (offset, end) else raw[offset - lo : end - lo]
+        if tail[-4:] == _MAGIC_V1 and size >= _TRAILER_V1.size:  # the older format
+            raw = os.pread(fd, size, 0)
+            data, trailer = raw[: -_TRAILER_V1.size], raw[-_TRAILER_V1.size :]
+            if len(raw) != size or _TRAILER_V1.unpack(trailer)[0] != zlib.crc32(data):
+                return None
+            return data[offset:] if length < 0 else data[offset : offset + length]
+        return None
 
     def _damaged(self, path: Path, key: str) -> None:
         log.warning("block cache %s: dropping damaged block %s", self.root, key)
@@ -240,7 +284,8 @@ class _DiskTier:
         try:
             with open(temp, "wb") as f:
                 f.write(data)
-                f.write(_TRAILER.pack(zlib.crc32(data), _MAGIC))
+                f.write(_piece_crcs(data))
+                f.write(_FOOTER.pack(len(data), _MAGIC))
             os.replace(temp, path)  # readers never see a half-written block
         except BaseException:
             _unlink_quietly(temp)
@@ -329,6 +374,27 @@ class BlockCache:
                 self._hits += 1
                 self._disk_hits += 1
                 self._memory.put(key, data)
+                return data
+        self._misses += 1
+        return None
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset + length) (length -1: to the end) of the cached block, or
+        None on a miss; from the disk tier only the pieces holding them are read."""
+        validate_key(key)
+        data = self._memory.get(key)
+        if data is None:
+            data = self._pending.get(key)
+        if data is not None:
+            self._hits += 1
+            self._memory_hits += 1
+            return data[offset:] if length < 0 else data[offset : offset + length]
+        await self.start()
+        if self._disk is not None:
+            data = await self._disk.get(key, offset, length)
+            if data is not None:
+                self._hits += 1
+                self._disk_hits += 1
                 return data
         self._misses += 1
         return None
@@ -436,7 +502,8 @@ class CachedStore(ObjectStore):
     """An object store read through and (optionally) written through a BlockCache.
 
     Whole-object reads are cached; a ranged read is cut from a cached whole block when
-    there is one and otherwise goes to the store uncached. Concurrent misses of one key
+    there is one (reading only its pieces from the disk tier) and otherwise goes to the
+    store uncached. Concurrent misses of one key
     share a single download.
     """
 
@@ -450,11 +517,12 @@ class CachedStore(ObjectStore):
         self._loading: dict[str, asyncio.Task[bytes]] = {}
 
     async def _get(self, key: str, offset: int, length: int) -> bytes:
-        data = await self.cache.get(key)
         if offset == 0 and length == -1:
+            data = await self.cache.get(key)
             return data if data is not None else await self._load(key)
+        data = await self.cache.get_range(key, offset, length)
         if data is not None:
-            return data[offset:] if length < 0 else data[offset : offset + length]
+            return data
         return await self.store.get(key, offset, length)
 
     async def _load(self, key: str) -> bytes:
