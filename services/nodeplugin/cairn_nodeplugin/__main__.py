@@ -133,12 +133,18 @@ async def run(cfg: dict) -> None:
 
 
 async def open_events(cfg: dict, data: Path) -> tuple[Runtime, Any]:
-    """The service runtime, and the event store to rebuild from (None when NATS is down at
-    start: the plugin then starts from volumes.json and the mount table, its events wait in
-    the outbox and the bus is connected in the background)."""
+    """The service runtime, and the event store to rebuild from.
+
+    A first start validates NATS like every service: unreachable -> one line, non-zero
+    exit. A restart on a node that already serves volumes (volumes.json or an outbox left
+    by the previous run) must not fail the mounts over a bus outage: the store is then
+    None, the plugin starts from volumes.json and the mount table, its events wait in the
+    outbox and the bus is connected in the background."""
     try:
         runtime = await open_runtime(cfg)
     except UnavailableError as error:
+        if not ((data / "volumes.json").exists() or (data / "outbox").exists()):
+            raise
         log.warning("NATS is down at start (%s): rebuilding from volumes.json and the mount "
                     "table; events wait in the outbox", error)  # fmt: skip
         bus = await JetStreamBus.connect(cfg["nats_url"], name=cfg["service"], wait=False)
