@@ -52,6 +52,8 @@ def http_status(url: str) -> int:
             return answer.status
     except urllib.error.HTTPError as error:
         return error.code
+    except urllib.error.URLError:  # not listening yet (it starts after the CSI socket)
+        return 0
 
 
 async def wait_status(url: str, wanted: int, timeout: float = 15.0) -> None:
@@ -109,7 +111,10 @@ async def test_kubelet_registers_the_node_plugin(tmp_path, nats_url, servers):
     plugin = node_plugin(tmp_path, nats_url, "--registration-dir", str(registry))
     servers.append(plugin)
     reg_socket = registry / f"{DRIVER_NAME}-reg.sock"
-    assert socket_answers(reg_socket)
+    deadline = time.monotonic() + 15  # registration starts once the CSI socket serves
+    while not socket_answers(reg_socket):
+        assert time.monotonic() < deadline, "the registration socket never answered"
+        await asyncio.sleep(0.1)
 
     info = await plugin_watcher(reg_socket)
     assert info.type == "CSIPlugin"
