@@ -101,6 +101,9 @@ def test_demo_once_shows_everything_and_cleans_up(tmp_path):
     assert "ServiceStarted" in result.stdout
     assert "identical to the source" in result.stdout and "sha256 matches" in result.stdout
     assert "stopped cairn-mount" in result.stdout
+    story = result.stdout.split("its story from the event stream")[1]
+    for event in ("VolumeRequested", "VolumeProvisioned", "VolumeStaged", "VolumePublished"):
+        assert event in story
     info = json.loads((state / "endpoints.json").read_text())
     assert info["processes"] == {}
     assert str(state / "mnt") not in Path("/proc/self/mountinfo").read_text()

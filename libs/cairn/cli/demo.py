@@ -103,6 +103,46 @@ def show_mount(mountpoint) -> None:
           f"(cairn stats: {shown.stderr.strip() or 'unavailable'})")
 
 
+def cairn_cli(*args: str, state_dir: str) -> str:
+    """Runs a `cairn` command as a user would; its output, or FailedPrecondition."""
+    import shutil
+    import subprocess
+    import sys
+
+    from cairn.errors import FailedPrecondition
+
+    cairn = shutil.which("cairn", path=os.path.dirname(sys.executable)) or "cairn"
+    env = {**os.environ, "CAIRN_DEV_STATE": state_dir}
+    done = subprocess.run([cairn, *args], capture_output=True, text=True, timeout=120, env=env)
+    if done.returncode != 0:
+        raise FailedPrecondition(f"cairn {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.rstrip()
+
+
+def csi_walkthrough(state_dir: str) -> tuple[str, str]:
+    """A PVC's life as kubelet and the sidecars drive it, through the CSI sockets:
+    CreateVolume, NodeStage, NodePublish into a pod directory, a write, stats, history."""
+    created = cairn_cli("volume", "create", "pvc-demo", "--size", "64M", state_dir=state_dir)
+    print(f"$ cairn volume create pvc-demo --size 64M\n{created}")
+    volume_id = created.split()[1]
+    for command in (("stage", volume_id), ("publish", volume_id, "--pod", "demo")):
+        print(f"$ cairn volume {' '.join(command)}")
+        print(output := cairn_cli("volume", *command, state_dir=state_dir))
+    target = output.split(" published at ")[1].split()[0]
+    Path(target, "hello.txt").write_text("written by a pod into its CSI volume\n")
+    print(f"wrote {target}/hello.txt")
+    print(f"$ cairn volume stats {volume_id}")
+    print(cairn_cli("volume", "stats", volume_id, state_dir=state_dir))
+    return volume_id, target
+
+
+def csi_cleanup(state_dir: str, volume_id: str) -> None:
+    for command in (("unpublish", volume_id, "--pod", "demo"), ("unstage", volume_id),
+                    ("delete", volume_id)):
+        cairn_cli("volume", *command, state_dir=state_dir)
+    print(f"unpublished, unstaged and deleted {volume_id}")
+
+
 async def _demo(args) -> int:
     from cairn import workload
 
@@ -122,6 +162,12 @@ async def _demo(args) -> int:
         await asyncio.to_thread(workload.run, mountpoint, source, args.big_mib)
         step("the mount's statistics (cairn stats --once)")
         await asyncio.to_thread(show_mount, mountpoint)
+        step("a CSI volume, driven over the plugins' unix sockets as kubelet would")
+        volume_id, _ = await asyncio.to_thread(csi_walkthrough, args.state_dir)
+        step(f"its story from the event stream (cairn volume history {volume_id})")
+        print(await asyncio.to_thread(cairn_cli, "volume", "history", volume_id,
+                                      state_dir=args.state_dir))
+        await asyncio.to_thread(csi_cleanup, args.state_dir, volume_id)
         step("events on the stream (JetStream CAIRN_EVENTS)")
         if args.once:
             await show_events(stack.nats_url, follow=False)
