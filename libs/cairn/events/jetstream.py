@@ -478,6 +478,12 @@ class _Puller:
                         desc = msg.headers.get("Description", "")
                         raise UnavailableError(f"consumer {self.consumer}: {status} {desc}")
         except TimeoutError:
+            if wait > 0 and self._bus.connected:
+                # The server may not send the 408 for an expired pull (seen with
+                # nats-server 2.9 under load); what came is kept, late arrivals queue
+                # for the next pull, and the caller simply pulls again.
+                log.debug("consumer %s: pull expired without a status", self.consumer)
+                return msgs
             raise UnavailableError(
                 f"consumer {self.consumer}: NATS did not answer a pull within {limit:g}s"
             ) from None
