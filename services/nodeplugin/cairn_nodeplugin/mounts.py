@@ -381,6 +381,8 @@ class MountProcesses:
         if pid and not await wait_exit(pid, seconds):
             log.warning("mount process %d still runs %gs after its unmount", pid, seconds)
             await terminate(pid)
+        with contextlib.suppress(OSError):  # the last mount gone: leave nothing in /run
+            self.run_dir.rmdir()
 
     @staticmethod
     def url_of(pid: int) -> str:
