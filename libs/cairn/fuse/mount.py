@@ -38,7 +38,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from cairn.errors import (
     UnavailableError,
     exit_code,
 )
+from cairn.threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -307,32 +307,6 @@ class _QuietReleaseReplies(logging.Filter):
         return True
 
 
-def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future:
-    """Run a blocking call in a daemon thread (never joined at exit: a syscall stuck in the
-    kernel must not keep the process from exiting)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-
-    def settle(value: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-
-    def run() -> None:
-        try:
-            value, error = fn(), None
-        except BaseException as exc:  # handed to the loop, which re-raises it
-            value, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop may be closed by then
-            loop.call_soon_threadsafe(settle, value, error)
-
-    threading.Thread(target=run, name="cairn-mount-blocking", daemon=True).start()
-    return future
-
-
 def syncfs(path: str) -> None:
     """syncfs(2) on the file system at path, without holding the GIL: with the writeback
     cache the kernel answers it by sending this very process WRITE requests, which the
@@ -372,7 +346,7 @@ class _Stopper:
         import pyfuse3
 
         try:
-            await asyncio.wait_for(_in_daemon_thread(lambda: syncfs(self.mountpoint)), SYNC_TIMEOUT)
+            await asyncio.wait_for(in_daemon_thread(lambda: syncfs(self.mountpoint), "cairn-mount-blocking"), SYNC_TIMEOUT)
         except (OSError, TimeoutError) as error:
             log.warning("syncfs of %s before unmount: %s", self.mountpoint, error)
         try:
@@ -391,7 +365,7 @@ async def _announce(mountpoint: str, parent_dev: int, on_ready: Callable[[], Non
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         try:
-            st = await _in_daemon_thread(lambda: os.stat(mountpoint))
+            st = await in_daemon_thread(lambda: os.stat(mountpoint), "cairn-mount-blocking")
             if st.st_dev != parent_dev:
                 break
         except OSError as error:

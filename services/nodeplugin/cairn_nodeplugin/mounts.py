@@ -30,7 +30,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from cairn.events.types import Event, MountRecovered
 from cairn.fuse.mount import mount_slug
 from cairn.telemetry import propagation
 from cairn.telemetry.tracing import tracer
+from cairn.threads import call_with_deadline
 from cairn_nodeplugin.state import Table, Target, Volume
 
 log = logging.getLogger(__name__)
@@ -123,32 +123,9 @@ def mounts_below(root: str) -> list[str]:
 
 
 async def in_thread(fn: Callable[[], Any], seconds: float = STAT_TIMEOUT) -> Any:
-    """Runs a blocking call in a daemon thread (never joined: a syscall stuck in a dead FUSE
-    mount must not hold the loop or the exit); DeadlineExceeded after `seconds`."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-
-    def settle(value: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-
-    def work() -> None:
-        try:
-            value, error = fn(), None
-        except BaseException as exc:  # handed to the loop
-            value, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop may be gone
-            loop.call_soon_threadsafe(settle, value, error)
-
-    threading.Thread(target=work, name="cairn-nodeplugin-stat", daemon=True).start()
-    try:
-        return await asyncio.wait_for(future, seconds)
-    except TimeoutError:
-        raise DeadlineExceeded(f"no answer within {seconds:g}s") from None
+    """A blocking call that may hang in a dead FUSE mount; DeadlineExceeded after
+    `seconds`."""
+    return await call_with_deadline(fn, seconds, "cairn-nodeplugin-stat")
 
 
 async def path_problem(path: str, seconds: float = STAT_TIMEOUT) -> str:
