@@ -8,41 +8,21 @@ import contextlib
 import logging
 
 from cairn import config
-from cairn.errors import ConfigError
-from cairn.service import entry, open_runtime
+from cairn.kube.sidecar import LEADER_ELECTION_NAMESPACE, open_sidecar
+from cairn.service import entry
 
 log = logging.getLogger("cairn_attacher")
 PROG = "cairn-attacher"
-LEADER_ELECTION_NAMESPACE = config.Setting(
-    "leader_election_namespace",
-    "namespace of the leader election Lease (empty: no leader election; run one replica only)",
-    "cairn-system",
-)
 SETTINGS = config.COMMON + (config.CSI_ENDPOINT, config.KUBECONFIG, LEADER_ELECTION_NAMESPACE)
 
 
 async def run(cfg: dict) -> None:
-    from cairn.csi.client import ControllerClient
-    from cairn.kube.api import RestAPI
-    from cairn.kube.client import api_client
     from cairn.kube.leader import LeaderElector
-    from cairn.rpc.channel import open_channel
     from cairn_attacher.attacher import Attacher
 
     async with contextlib.AsyncExitStack() as stack:
-        runtime = await open_runtime(cfg)
-        stack.push_async_callback(runtime.close)
-        client = await api_client(cfg.get("kubeconfig"))
-        stack.push_async_callback(client.close)
-        api = RestAPI(client)
-        if not cfg.get("csi_endpoint"):  # checked after NATS and Kubernetes, in start-up order
-            raise ConfigError(
-                f"{config.CSI_ENDPOINT.flag} / {config.CSI_ENDPOINT.env} is required"
-            )
-        channel = await open_channel(cfg["csi_endpoint"], ready_timeout=30)
-        stack.push_async_callback(channel.close)
-        csi = ControllerClient(channel)
-        driver = await csi.driver_name()
+        sidecar = await open_sidecar(cfg, stack)
+        runtime, api, csi, driver = sidecar.runtime, sidecar.api, sidecar.csi, sidecar.driver
         publish = await csi.can_publish()
         log.info("driver %s %s ControllerPublishVolume", driver, "supports" if publish else "lacks")
         attacher = Attacher(api, csi, runtime.events, driver=driver, publish=publish)

@@ -8,17 +8,13 @@ import contextlib
 import logging
 
 from cairn import config
-from cairn.csi.client import RPC, ControllerClient
-from cairn.errors import ConfigError, FailedPrecondition
-from cairn.service import entry, open_runtime
+from cairn.csi.client import RPC
+from cairn.errors import FailedPrecondition
+from cairn.kube.sidecar import LEADER_ELECTION_NAMESPACE, open_sidecar
+from cairn.service import entry
 
 log = logging.getLogger("cairn_provisioner")
 PROG = "cairn-provisioner"
-LEADER_ELECTION_NAMESPACE = config.Setting(
-    "leader_election_namespace",
-    "namespace of the leader election Lease (empty: no leader election; run one replica only)",
-    "cairn-system",
-)
 CAPACITY_NAMESPACE = config.Setting(
     "capacity_namespace",
     "namespace of the CSIStorageCapacity objects for local volumes",
@@ -40,25 +36,13 @@ SETTINGS = config.COMMON + (
 
 
 async def run(cfg: dict) -> None:
-    from cairn.kube.api import RestAPI
-    from cairn.kube.client import api_client
     from cairn.kube.leader import LeaderElector
-    from cairn.rpc.channel import open_channel
     from cairn_provisioner.capacity import CapacityPublisher
     from cairn_provisioner.provisioner import Provisioner
 
     async with contextlib.AsyncExitStack() as stack:
-        runtime = await open_runtime(cfg)
-        stack.push_async_callback(runtime.close)
-        client = await api_client(cfg.get("kubeconfig"))
-        stack.push_async_callback(client.close)
-        api = RestAPI(client)
-        if not cfg.get("csi_endpoint"):  # checked after NATS and Kubernetes, in start-up order
-            raise ConfigError(f"{config.CSI_ENDPOINT.flag} / {config.CSI_ENDPOINT.env} is required")
-        channel = await open_channel(cfg["csi_endpoint"], ready_timeout=30)
-        stack.push_async_callback(channel.close)
-        csi = ControllerClient(channel)
-        driver = await csi.driver_name()
+        sidecar = await open_sidecar(cfg, stack)
+        runtime, api, csi, driver = sidecar.runtime, sidecar.api, sidecar.csi, sidecar.driver
         if RPC.CREATE_DELETE_VOLUME not in await csi.capabilities():
             raise FailedPrecondition(f"CSI driver {driver} cannot create volumes")
         provisioner = Provisioner(
