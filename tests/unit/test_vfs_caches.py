@@ -19,7 +19,7 @@ from cairn.errors import (
 )
 from cairn.meta.types import CHUNK_SIZE, Ctx, SliceView
 from cairn.vfs import HandleTable, VFSStats, to_errno
-from cairn.vfs.caches import ChunkCache, TTLCache
+from cairn.vfs.caches import ChunkCache, Listings, TTLCache
 
 
 class Clock:
@@ -155,3 +155,36 @@ def test_to_errno():
     assert to_errno(NotFound("block")) == errno.EIO
     assert to_errno(UnavailableError("down")) == errno.EIO
     assert to_errno(ValueError("bug")) == errno.EIO
+
+
+def test_listings_answer_absent_names_until_they_expire_or_drop():
+    clock = Clock()
+    listings = Listings(10.0, max_dirs=2, max_names=3, clock=clock)
+    assert not listings.absent(5, b"x")  # nothing known of directory 5
+    listings.start(5)
+    assert listings.absent(5, b"x")
+    listings.add(5, b"x")
+    assert not listings.absent(5, b"x")
+    listings.discard(5, b"x")
+    assert listings.absent(5, b"x")
+    clock.now += 10.5  # expired: a lookup has to ask again
+    assert not listings.absent(5, b"x")
+
+    listings.start(6)
+    for name in (b"a", b"b", b"c", b"d"):  # past max_names: the listing is given up
+        listings.add(6, name)
+    assert not listings.absent(6, b"zzz")
+
+    listings.start(7)
+    listings.start(8)
+    listings.start(9)  # past max_dirs: the oldest goes
+    assert not listings.absent(7, b"q")
+    assert listings.absent(9, b"q")
+    listings.drop(9)
+    assert not listings.absent(9, b"q")
+    listings.clear()
+    assert len(listings) == 0
+    assert not Listings(0).absent(1, b"x")  # a TTL of 0 keeps nothing
+    zero = Listings(0)
+    zero.start(1)
+    assert len(zero) == 0

@@ -70,16 +70,17 @@ def _register_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--attr-cache",
         type=seconds,
-        default=1.0,
+        default=30.0,
         metavar="S",
-        help="seconds the kernel keeps attributes (default 1)",
+        help="seconds attributes stay cached (kernel and mount) when no change note from "
+        "another mount drops them first (default 30)",
     )
     p.add_argument(
         "--entry-cache",
         type=seconds,
-        default=1.0,
+        default=30.0,
         metavar="S",
-        help="seconds the kernel keeps name lookups (default 1)",
+        help="seconds name lookups stay cached when no change note drops them (default 30)",
     )
     p.add_argument(
         "--writeback-cache",

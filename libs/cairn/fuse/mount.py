@@ -73,8 +73,10 @@ class MountConfig:
     cache_dir: str | None = None
     cache_size: int = 1 << 30
     buffer_size: int = 256 << 20
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
+    # How long the kernel and the VFS trust cached attributes and names. Other mounts'
+    # change notes drop them at once, so these only bound staleness when a note is lost.
+    attr_timeout: float = 30.0
+    entry_timeout: float = 30.0
     writeback_cache: bool = False
     allow_other: bool = False
     max_tasks: int = 128
@@ -475,6 +477,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
         await asyncio.gather(announce, return_exceptions=True)
         if stopper.task is not None:
             await asyncio.gather(stopper.task, return_exceptions=True)
+        ops.close()
         try:
             pyfuse3.close(unmount=True)
         except Exception:

@@ -40,6 +40,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from cairn.errors import CairnError, FSError, TemporaryError
+from cairn.fuse.invalidate import KernelInvalidator
 from cairn.meta.types import Attr, Ctx
 from cairn.vfs import to_errno
 
@@ -143,6 +144,19 @@ class Operations(pyfuse3.Operations):
         # (mtime, size) of each regular file as last told to the kernel: what its cached
         # attributes (and pages) reflect. See open().
         self._told: dict[int, tuple[int, int]] = {}
+        # What other mounts changed, the kernel forgets (vfs.on_invalidate; close() stops it).
+        self.invalidator = KernelInvalidator()
+        vfs.on_invalidate = self._invalidate
+
+    def _invalidate(self, inodes: dict[int, bool], entries: list[tuple[int, bytes]]) -> None:
+        for ino in inodes:
+            self._told.pop(ino, None)
+        self.invalidator(inodes, entries)
+
+    def close(self) -> None:
+        """Stops telling the kernel anything (before the FUSE session ends)."""
+        self.vfs.on_invalidate = None
+        self.invalidator.close()
 
     # -- credentials and attributes -------------------------------------------------------
 

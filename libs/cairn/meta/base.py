@@ -135,6 +135,13 @@ class MetaBase:
         self._quota_loaded = 0.0
         self._parents: dict[int, tuple[int, float]] = {}
         self._opens: dict[int, int] = {}
+        # Deferred last closes (cairn.meta.namespace close_file): waiting, and on the wire.
+        self.close_delay = 0.0
+        self._closing: set[int] = set()
+        self._orphans: set[int] = set()  # unlinked here while open: closes not deferred
+        self._releasing: set[int] = set()
+        self._close_lock = asyncio.Lock()
+        self._closer: asyncio.Task[None] | None = None
         self._trash_dirs: dict[bytes, int] = {}
         self._session_info: dict[str, str] = {}
         self._scripts: dict[str, Any] = {}
@@ -155,6 +162,25 @@ class MetaBase:
         except REDIS_ERRORS as error:
             raise unavailable(self.url, error) from None
 
+    async def _eval_many(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Runs the script `name` once per (keys, args) in one pipelined round trip."""
+        if not calls:
+            return []
+        script = self._scripts.get(name)
+        if script is None:
+            first = [await self._eval(name, *calls[0])]  # loads it
+            script = self._scripts[name]
+            calls = calls[1:]
+        else:
+            first = []
+        try:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for script_keys, args in calls:
+                    await script(keys=script_keys, args=args, client=pipe)
+                return first + await pipe.execute() if calls else first
+        except REDIS_ERRORS as error:
+            raise unavailable(self.url, error) from None
+
     def _remember_dir(self, ino: int, raw: bytes | None) -> None:
         if raw is None:
             self._dir_raw.pop(ino, None)
@@ -162,6 +188,13 @@ class MetaBase:
         if len(self._dir_raw) >= 10_000:
             self._dir_raw.clear()
         self._dir_raw[ino] = raw
+
+    def known_dir_attr(self, ino: int) -> Attr | None:
+        """Directory ino's attributes as this client last wrote or read them (None when
+        not remembered). Right after a create in it (mknod/mkdir/symlink/create) they are
+        what Redis holds."""
+        raw = self._dir_raw.get(ino)
+        return None if raw is None else Attr.unpack(ino, raw)
 
     # -- transactions -------------------------------------------------------------------
 

@@ -37,6 +37,10 @@ elsewhere. <ino> and <sid> are decimal integers; values marked "packed" are stru
   dirquota:inodes         hash   inode -> inodes used below the directory
   detached                zset   root inode of a tree being cloned, not linked yet -> unix
                                  time of its last progress (cairn.meta.clone)
+
+  changes:<uuid>          pub/sub channel (not a key: channels span every database, hence
+                          the volume's uuid): msgpack change notes between mounts
+                          (cairn.vfs.changes)
 """
 
 SETTING = "setting"
@@ -61,6 +65,10 @@ DETACHED = "detached"
 # SCAN patterns matching exactly one kind of per-inode key (dump, fsck).
 ATTR_PATTERN = "i[0-9]*"
 CHUNK_PATTERN = "c[0-9]*_[0-9]*"
+
+
+def changes(uuid: str) -> str:
+    return f"changes:{uuid}"
 
 
 def session(sid: int | str) -> str:

@@ -8,7 +8,9 @@ rewrites the parent's attributes (mtime), so transactions WATCH the parent's att
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
 import stat
 import time
@@ -42,6 +44,9 @@ from cairn.meta.types import (
 MAX_SYMLINK = 4095
 MAX_SYMLINK_HOPS = 40
 _NO_ID = (None, -1, 0xFFFFFFFF)
+log = logging.getLogger(__name__)
+
+CLOSE_BATCH = 1000  # deferred closes released per round trip
 CREATE_ATTEMPTS = 1000  # a create meeting a parent that keeps changing gives up after this
 
 Queue = Callable[[Any], None]
@@ -374,10 +379,13 @@ class NamespaceMixin:
             queue(p)
             p.hdel(keys.entries(parent), name)
             p.zrem(keys.names(parent), name)
-            p.set(keys.attr(parent), pattr.pack())
+            written[0] = pattr.pack()
+            p.set(keys.attr(parent), written[0])
             return freed
 
+        written: list[bytes | None] = [None]
         freed = await self._txn(body, keys.attr(parent), keys.entries(parent), lock=[parent])
+        self._remember_dir(parent, written[0])
         if freed:
             await self._free_file(*freed)
 
@@ -433,22 +441,38 @@ class NamespaceMixin:
                 self._queue_usage(p, dirs, -space, -1, volume=False)
 
             return queue, None
-        if ino in self._opens or await tx.p.scard(keys.opened(ino)):
+        if await self._held_open(tx, ino):
             attr.nlink = 0
             attr.parent = 0
 
             def queue(p: Any) -> None:
+                self._orphans.add(ino)  # its last close here is not deferred
                 p.set(keys.attr(ino), attr.pack())
                 p.delete(keys.parents(ino))
                 self._queue_usage(p, dirs, -space, -1, volume=False)
 
             return queue, None
 
+        sid = self.sid if ino in self._closing else None
+
         def queue(p: Any) -> None:
             self._queue_remove_inode(p, attr)
             self._queue_usage(p, dirs, -space, -1, volume=False)
+            if sid is not None:  # the record of a close not yet released goes with it
+                p.srem(keys.session_open(sid), ino)
 
         return queue, (ino, attr.size) if attr.is_file() and attr.size > 0 else None
+
+    async def _held_open(self, tx: Tx, ino: int) -> bool:
+        """Does any session hold ino open? This client's closes not yet released (see
+        close_file) do not count: the file is closed, only its record lingers."""
+        if ino in self._opens:
+            return True
+        if ino not in self._closing:
+            return bool(await tx.p.scard(keys.opened(ino)))
+        holders = {int(s) for s in await tx.p.smembers(keys.opened(ino))}
+        holders.discard(self.sid)
+        return bool(holders)
 
     async def rmdir(self, ctx: Ctx, parent: int, name: bytes) -> None:
         check_name(name)
@@ -784,6 +808,12 @@ class NamespaceMixin:
         self._opens[inode] = count + 1
         if count or self.sid is None:
             return
+        if inode in self._closing:  # closed a moment ago and still registered: keep that
+            self._closing.discard(inode)
+            return
+        if inode in self._releasing:  # its release is on the wire: register after it
+            async with self._close_lock:
+                pass
         sid = self.sid
 
         async def body(tx: Tx) -> None:
@@ -799,7 +829,12 @@ class NamespaceMixin:
             raise
 
     async def close_file(self, inode: int) -> None:
-        """Forgets one open of inode; the last close of an unlinked file deletes it."""
+        """Forgets one open of inode; the last close of an unlinked file deletes it.
+
+        With `close_delay` > 0 the last close is not waited for: the inode's open record
+        goes (and an unlinked file is deleted) in a batch with the other closes of the
+        next close_delay seconds, one round trip for all; an open in between keeps the
+        record instead. flush_closes() sends the batch at once."""
         count = self._opens.get(inode, 0)
         if count > 1:
             self._opens[inode] = count - 1
@@ -807,10 +842,45 @@ class NamespaceMixin:
         if not count:
             return
         del self._opens[inode]
+        if self.close_delay > 0 and self.sid is not None and inode not in self._orphans:
+            self._closing.add(inode)
+            if self._closer is None or self._closer.done():
+                self._closer = asyncio.get_running_loop().create_task(self._close_soon())
+            return
         await self._release_open(inode, self.sid)
 
-    async def _release_open(self, inode: int, sid: int | None) -> None:
-        if sid is not None and inode not in self._opens:
+    async def _close_soon(self) -> None:
+        await asyncio.sleep(self.close_delay)
+        try:
+            await self.flush_closes()
+        except Exception as error:  # the session's cleanup releases them in the end
+            log.warning("releasing closed files failed: %s", error)
+
+    async def flush_closes(self) -> None:
+        """Releases the opens closed but not yet released (see close_file)."""
+        async with self._close_lock:
+            while self._closing and self.sid is not None:
+                sid = self.sid
+                batch = list(self._closing)[:CLOSE_BATCH]
+                self._closing.difference_update(batch)
+                self._releasing.update(batch)
+                try:
+                    calls = [
+                        ([keys.attr(i), keys.opened(i), keys.session_open(sid)], [sid, i])
+                        for i in batch
+                    ]
+                    unlinked = await self._eval_many("release", calls)
+                    for ino, gone in zip(batch, unlinked, strict=True):
+                        if int(gone) and ino not in self._opens:
+                            await self._release_open(ino, sid, recorded=False)
+                finally:
+                    self._releasing.difference_update(batch)
+
+    async def _release_open(self, inode: int, sid: int | None, recorded: bool = True) -> None:
+        """Drops sid's open record of inode (recorded=False: release.lua already did) and
+        deletes the inode if that was the last open of an unlinked file."""
+        self._orphans.discard(inode)
+        if sid is not None and recorded and inode not in self._opens:
             # the common case (the file is still linked) in one round trip
             args = [sid, inode]
             script_keys = [keys.attr(inode), keys.opened(inode), keys.session_open(sid)]

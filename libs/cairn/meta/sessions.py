@@ -3,6 +3,7 @@ heartbeats stop (its locks released, the unlinked files it held open deleted).""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -47,6 +48,9 @@ class SessionMixin:
         if sid is None:
             return
         self._opens.clear()
+        self._closing.clear()  # the cleanup below releases them
+        if self._closer is not None:  # sleeping, or sending a batch: let it end
+            await asyncio.gather(self._closer, return_exceptions=True)
         await self._cleanup_session(sid)
         self.sid = None
 

@@ -72,6 +72,68 @@ class TTLCache(Generic[K, V]):
         return self.get(key) is not None  # type: ignore[arg-type]
 
 
+class Listings:
+    """Complete listings of directories this mount made, each valid for `ttl` seconds.
+
+    A directory made here starts empty and this mount's own changes keep its listing
+    current; whoever sees a change note about the directory drops the listing. A name not
+    in a fresh listing does not exist, so a lookup of a new name (the one before every
+    create) needs no round trip."""
+
+    def __init__(
+        self,
+        ttl: float,
+        max_dirs: int = 1000,
+        max_names: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.max_dirs = max_dirs
+        self.max_names = max_names
+        self.clock = clock
+        self._items: OrderedDict[int, tuple[set[bytes], float]] = OrderedDict()
+
+    def start(self, ino: int) -> None:
+        """ino is a directory this mount just made: empty."""
+        if self.ttl <= 0:
+            return
+        self._items[ino] = (set(), self.clock() + self.ttl)
+        while len(self._items) > self.max_dirs:
+            self._items.popitem(last=False)
+
+    def absent(self, ino: int, name: bytes) -> bool:
+        """Is the name certainly not in directory ino?"""
+        item = self._items.get(ino)
+        if item is None:
+            return False
+        names, expires = item
+        if expires <= self.clock():
+            del self._items[ino]
+            return False
+        return name not in names
+
+    def add(self, ino: int, name: bytes) -> None:
+        item = self._items.get(ino)
+        if item is not None:
+            item[0].add(name)
+            if len(item[0]) > self.max_names:
+                del self._items[ino]
+
+    def discard(self, ino: int, name: bytes) -> None:
+        item = self._items.get(ino)
+        if item is not None:
+            item[0].discard(name)
+
+    def drop(self, ino: int) -> None:
+        self._items.pop(ino, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class ChunkCache:
     """Stands in for the Meta in front of the ChunkReader: `read(inode, index)` answers the
     resolved slices of a chunk from a short-lived cache.

@@ -13,7 +13,12 @@ Consistency, as JuiceFS gives it:
 - close-to-open between clients: release() (and flush/fsync) commit a file's writes, and
   open() refetches the attributes and forgets the file's cached slices, so what one client
   wrote and closed, another reads after opening;
-- otherwise other clients' changes show within the cache TTLs (attr_ttl, entry_ttl).
+- other clients' changes show when their change notes arrive (cairn.vfs.changes:
+  milliseconds), which drop what this mount (and, through the FUSE layer, the kernel)
+  cached; the cache TTLs (attr_ttl, entry_ttl) bound staleness when a note is lost;
+- a directory this mount made starts with a known, empty listing, kept up to date by its
+  own changes and dropped on any note about it: a lookup of a name not in it is answered
+  here (ENOENT) without a round trip, as the kernel would from a negative dentry.
 
 Inodes: with a `subdir` the mount's root is a directory below the volume's root. The VFS
 speaks the kernel's numbers (the root is always 1) and swaps that directory's inode with 1
@@ -50,6 +55,8 @@ from cairn.meta import perms
 from cairn.meta.types import (
     F_UNLCK,
     MAX_FILE_SIZE,
+    MAX_NAME,
+    RENAME_EXCHANGE,
     ROOT_CTX,
     ROOT_INODE,
     W_OK,
@@ -58,7 +65,8 @@ from cairn.meta.types import (
     Ctx,
     StatFs,
 )
-from cairn.vfs.caches import ChunkCache, TTLCache
+from cairn.vfs.caches import ChunkCache, Listings, TTLCache
+from cairn.vfs.changes import ChangeFeed
 from cairn.vfs.handles import DirEntry, DirHandle, FileHandle, HandleTable
 from cairn.vfs.stats import VFSStats
 
@@ -80,6 +88,8 @@ class VFSOptions:
     attr_ttl: float = 1.0  # seconds attributes are cached (here and by the kernel)
     entry_ttl: float = 1.0  # seconds a name -> file is cached
     dir_entry_ttl: float = 1.0  # seconds a name -> directory is cached
+    notes: bool = True  # send and hear change notes (cairn.vfs.changes)
+    close_delay: float = 0.02  # seconds last closes wait to be released in one batch
     buffer_size: int = DEFAULT_BUFFER_SIZE  # bytes of writes buffered before back-pressure
     readahead: int | None = None  # bytes read ahead of a sequential reader (None: 8 blocks)
     read_only: bool = False
@@ -144,6 +154,7 @@ class VFS:
         self.options = opts
         self.meta = meta
         self.store = store
+        meta.close_delay = opts.close_delay
         self.root = ROOT_INODE
         self.stats = VFSStats()
         self.handles = HandleTable()
@@ -152,6 +163,11 @@ class VFS:
         self._entries: TTLCache[tuple[int, bytes], int] = TTLCache(opts.entry_ttl)
         self._symlinks: TTLCache[int, bytes] = TTLCache(float("inf"), 10_000)  # immutable
         self._chunks = ChunkCache(meta, opts.attr_ttl)
+        self._listings = Listings(opts.entry_ttl)
+        self.changes: ChangeFeed | None = None
+        # Set by the FUSE layer: on_invalidate({inode: data_changed}, [(parent, name)]) in
+        # the kernel's numbers, for what other mounts changed.
+        self.on_invalidate: Callable[[dict[int, bool], list[tuple[int, bytes]]], Any] | None = None
         # inode -> (end, mtime_ns) of writes that may not be committed yet
         self._dirty: dict[int, tuple[int, int]] = {}
         self.writer = ChunkWriter(
@@ -226,6 +242,11 @@ class VFS:
                 self._heartbeat = asyncio.create_task(self._beat(self.options.heartbeat))
         if flush_idle and not self.options.read_only:
             self.writer.start(idle_seconds=self.options.flush_idle)
+        if self.options.notes and self.meta.sid is not None and self.changes is None:
+            self.changes = ChangeFeed(
+                self.meta.r, self.meta.fmt.uuid, self.meta.sid, self._heard, self._reset
+            )
+            await self.changes.start()
 
     async def _resolve_subdir(self, subdir: str) -> None:
         try:
@@ -261,6 +282,8 @@ class VFS:
             self._heartbeat = None
         await _collect(errors, self.writer.close())
         await _collect(errors, self.reader.close())
+        if self.changes is not None:
+            await _collect(errors, self.changes.close())
         if self._own_session:
             await _collect(errors, self.meta.close_session())
         if self._owned:
@@ -366,9 +389,19 @@ class VFS:
             ttl = self.options.dir_entry_ttl if attr.is_dir() else self.options.entry_ttl
             self._entries.put((parent, name), attr.inode, ttl)
 
-    def _created(self, parent: int, name: bytes, attr: Attr) -> None:
+    def _created(self, parent: int, name: bytes, attr: Attr, made: bool = True) -> None:
+        """parent/name now names attr; made: by the engine's create (which leaves the
+        parent's new attributes in meta.known_dir_attr), not by a link."""
         self._remember(parent, name, attr)
-        self._attrs.pop(parent)  # its mtime (and nlink for a directory) changed
+        pattr = self.meta.known_dir_attr(parent) if made else None
+        if pattr is not None:
+            self._attrs.put(parent, pattr)
+        else:
+            self._attrs.pop(parent)  # its mtime (and nlink for a directory) changed
+        self._listings.add(parent, name)
+        if made and attr.is_dir():
+            self._listings.start(attr.inode)
+        self._note_entry(parent, name)
 
     async def _victim(self, parent: int, name: bytes) -> int | None:
         """The inode an unlink/rename is about to change, to drop its cached attributes."""
@@ -386,6 +419,37 @@ class VFS:
             if ino is not None:
                 self._attrs.pop(ino)
 
+    # -- change notes ---------------------------------------------------------------------
+
+    def _note(self, ino: int | None, data: bool = False) -> None:
+        if self.changes is not None and ino is not None:
+            self.changes.inode(ino, data)
+
+    def _note_entry(self, parent: int, name: bytes) -> None:
+        if self.changes is not None:
+            self.changes.entry(parent, name)
+
+    def _heard(self, inodes: dict[int, bool], entries: list[tuple[int, bytes]]) -> None:
+        """Another mount changed these: drop what is cached of them, here and (through
+        on_invalidate) in the kernel."""
+        for ino, data in inodes.items():
+            self._attrs.pop(ino)
+            if data:
+                self._chunks.invalidate(ino)
+        for parent, name in entries:
+            self._entries.pop((parent, name))
+            self._listings.drop(parent)
+        if self.on_invalidate is not None:
+            out = {self._out(ino): data for ino, data in inodes.items()}
+            self.on_invalidate(out, [(self._out(p), n) for p, n in entries])
+
+    def _reset(self) -> None:
+        """Notes may have been missed: forget every cached name, attribute and slice."""
+        self._attrs.clear()
+        self._entries.clear()
+        self._listings.clear()
+        self._chunks.clear()
+
     def _check_rw(self) -> None:
         if self.options.read_only:
             raise FSError(errno.EROFS, "the file system is mounted read-only")
@@ -395,6 +459,7 @@ class VFS:
         self._chunks.invalidate(inode, index)
         if attr is not None:
             self._attrs.put(inode, attr)
+        self._note(inode, data=True)
         if self.on_commit is not None:
             result = self.on_commit(inode, index, attr)
             if asyncio.iscoroutine(result):
@@ -417,6 +482,7 @@ class VFS:
         self._chunks.invalidate(ino)
         self._dirty.pop(ino, None)
         self._attrs.put(ino, attr)
+        self._note(ino, data=True)
         return attr
 
     # -- namespace ----------------------------------------------------------------------------
@@ -441,6 +507,12 @@ class VFS:
             else:
                 self.stats.entry_hits += 1
                 return self._export(attr)
+        if name not in (b".", b"..") and self._listings.absent(p, name):
+            perms.check(ctx, await self._attr(p), X_OK)
+            if len(name) > MAX_NAME:
+                raise FSError(errno.ENAMETOOLONG, "name too long")
+            self.stats.entry_hits += 1
+            raise FSError(errno.ENOENT, f"no entry {name!r} in {p}")
         self.stats.entry_misses += 1
         ino, attr = await self.meta.lookup(ctx, p, name)
         self._remember(p, name, attr)
@@ -489,6 +561,8 @@ class VFS:
             self._attrs.put(ino, attr)
         if attr is None:
             attr = await self._attr(ino)
+        else:
+            self._note(ino, data=size is not None)
         return self._export(attr)
 
     @_op("readlink")
@@ -534,7 +608,8 @@ class VFS:
         self._check_rw()
         ino, np = self._in(inode), self._in(newparent)
         attr = await self.meta.link(ctx, ino, np, newname)
-        self._created(np, newname, attr)
+        self._created(np, newname, attr, made=False)
+        self._note(ino)
         return self._export(attr)
 
     @_op("unlink")
@@ -547,6 +622,12 @@ class VFS:
         finally:
             self._entries.pop((p, name))
             self._forget(victim, p)
+        pattr = self.meta.known_dir_attr(p)  # what the unlink wrote
+        if pattr is not None:
+            self._attrs.put(p, pattr)
+        self._listings.discard(p, name)
+        self._note_entry(p, name)
+        self._note(victim)
 
     @_op("rmdir")
     async def rmdir(self, ctx: Ctx, parent: int, name: bytes) -> None:
@@ -558,6 +639,10 @@ class VFS:
         finally:
             self._entries.pop((p, name))
             self._forget(victim, p)
+        self._listings.discard(p, name)
+        if victim is not None:
+            self._listings.drop(victim)
+        self._note_entry(p, name)
 
     @_op("rename")
     async def rename(
@@ -580,6 +665,13 @@ class VFS:
             self._entries.pop((p, name))
             self._entries.pop((np, newname))
             self._forget(moved, replaced, p, np)
+        if not flags & RENAME_EXCHANGE:
+            self._listings.discard(p, name)
+            self._listings.add(np, newname)
+        self._note_entry(p, name)
+        self._note_entry(np, newname)
+        self._note(moved)
+        self._note(replaced)
 
     # -- files --------------------------------------------------------------------------------
 
@@ -747,6 +839,7 @@ class VFS:
         self._chunks.invalidate(h.inode)
         self._dirty.pop(h.inode, None)
         self._attrs.put(h.inode, attr)
+        self._note(h.inode, data=True)
 
     @_op("copy_file_range")
     async def copy_file_range(
@@ -765,6 +858,7 @@ class VFS:
         self._chunks.invalidate(hout.inode)
         self._dirty.pop(hout.inode, None)
         self._attrs.pop(hout.inode)
+        self._note(hout.inode, data=True)
         return n
 
     # -- directories --------------------------------------------------------------------------
@@ -857,6 +951,7 @@ class VFS:
             await self.meta.setxattr(ctx, ino, name, value, flags)
         finally:
             self._attrs.pop(ino)  # ctime
+        self._note(ino)
 
     @_op("removexattr")
     async def removexattr(self, ctx: Ctx, inode: int, name: bytes) -> None:
@@ -866,6 +961,7 @@ class VFS:
             await self.meta.removexattr(ctx, ino, name)
         finally:
             self._attrs.pop(ino)
+        self._note(ino)
 
     @_op("flock")
     async def flock(self, fh: int, owner: int, type: int, block: bool = False) -> None:
