@@ -32,7 +32,7 @@ from cairn.meta.base import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DELAY = 0.002  # seconds a note may wait for others to share its PUBLISH
+DEFAULT_DELAY = 0.01  # seconds a note may wait for others to share its PUBLISH
 RECONNECT_PAUSE = 1.0
 MAX_BATCH = 5_000  # notes per PUBLISH at most
 
