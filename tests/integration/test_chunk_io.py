@@ -329,7 +329,7 @@ async def test_reads_go_through_a_block_cache_in_whole_blocks(meta, store, tmp_p
 
     counting = CountingStore(store)
     cached = CachedStore(counting, BlockCache(memory_bytes=1 << 20, disk_dir=tmp_path / "cache"))
-    reader = ChunkReader(meta, cached, memory_limit=0)
+    reader = ChunkReader(meta, cached, memory_limit=0, local=False)  # as a remote store
     assert await reader.read(inode, 100, 10, len(data)) == data[100:110]
     key = counting.gets[0][0]
     if reader.codec.name == "none":
@@ -396,7 +396,7 @@ async def test_a_small_random_miss_does_not_wait_for_the_whole_block(meta, store
 
     slow = SlowWholeGets(store)
     cached = CachedStore(slow, BlockCache(memory_bytes=1 << 20))
-    reader = ChunkReader(meta, cached)
+    reader = ChunkReader(meta, cached, local=False)  # as a remote store
     for offset in (3 * BLOCK + 7, BLOCK + 11, 2 * BLOCK + 4096):
         got = await asyncio.wait_for(reader.read(inode, offset, 4096, len(data)), 5)
         assert got == data[offset : offset + 4096]
@@ -425,7 +425,7 @@ async def test_close_stops_background_block_fetches(meta, store):
             return await super().get(key, offset, length)
 
     cached = CachedStore(StuckWholeGets(store), BlockCache(memory_bytes=1 << 20))
-    reader = ChunkReader(meta, cached)
+    reader = ChunkReader(meta, cached, local=False)  # as a remote store
     assert await reader.read(inode, 10, 100, len(data)) == data[10:110]
     await asyncio.wait_for(reader.close(), 5)
     await cached.close()
@@ -514,3 +514,33 @@ async def test_a_long_sequential_write_stays_one_slice_within_the_buffer_limit(m
     assert peak <= 2 * BLOCK + 10_000  # waited for blocks in flight, no early commit
     assert len(await meta.chunk_records(inode, 0)) == 1
     assert await read_all(meta, ChunkReader(meta, store), inode) == data
+
+
+async def test_a_local_store_is_read_in_place(meta, store, tmp_path):
+    """A file:// store: a small random miss reads just its bytes and pulls no whole block
+    in the background (the disk is as near as a cache); a read within one cached block
+    can be answered as a view of it, without a copy."""
+    inode = await new_file(meta)
+    data = os.urandom(3 * BLOCK)
+    writer = ChunkWriter(meta, store)
+    await writer.write(inode, 0, data)
+    await writer.flush(inode)
+
+    counting = CountingStore(store)
+    cached = CachedStore(counting, BlockCache(memory_bytes=1 << 20))
+    reader = ChunkReader(meta, cached)
+    assert reader.local
+    assert await reader.read(inode, BLOCK + 100, 10, len(data)) == data[BLOCK + 100 : BLOCK + 110]
+    await asyncio.sleep(0.2)
+    assert [length for _, _, length in counting.gets] == [10]  # no whole block followed
+
+    # Sequential reads take whole blocks; one inside a block comes back as a view.
+    first = await reader.read(inode, 0, BLOCK // 2, len(data), handle="h")
+    second = await reader.read(inode, BLOCK // 2, BLOCK // 2, len(data), handle="h", view=True)
+    assert first == data[: BLOCK // 2]
+    assert isinstance(second, memoryview) and second == data[BLOCK // 2 : BLOCK]
+    across = await reader.read(inode, BLOCK - 5, 10, len(data), handle="h", view=True)
+    assert bytes(across) == data[BLOCK - 5 : BLOCK + 5]
+    plain = await reader.read(inode, BLOCK // 2, BLOCK // 2, len(data), handle="h")
+    assert isinstance(plain, bytes)
+    await reader.close()

@@ -27,7 +27,7 @@ from cairn.storage import (
     redact_url,
     slice_prefix,
 )
-from cairn.storage.file import TEMP_PREFIX, FileStore
+from cairn.storage.file import OPEN_OBJECTS, TEMP_PREFIX, FileStore
 
 
 async def collect(
@@ -313,6 +313,43 @@ async def test_io_runs_in_a_bounded_pool(tmp_path, monkeypatch):
     await asyncio.gather(*(store.get(f"k{i}") for i in range(8)))
     assert peak[0] == 2
     await store.close()
+
+
+async def test_small_ranged_reads_run_in_place_and_never_read_a_replaced_object(
+    tmp_path, monkeypatch
+):
+    store = open_store(f"file://{tmp_path}/o")
+    await store.check()
+    await store.put("k", b"0123456789")
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a small ranged read went to the thread pool")
+
+    monkeypatch.setattr(store, "_run", no_pool)
+    assert await store.get("k", 2, 3) == b"234"
+    assert list(store._fds) == ["k"]  # the descriptor is kept for the next read
+    monkeypatch.undo()
+
+    await store.put("k", b"abcdefghij")  # replaced: the kept descriptor goes
+    assert await store.get("k", 2, 3) == b"cde"
+    await store.delete("k")
+    assert "k" not in store._fds
+    with pytest.raises(NotFound):
+        await store.get("k", 0, 4)
+
+    for i in range(OPEN_OBJECTS + 10):
+        await store.put(f"o{i}", b"x" * 10)
+        assert await store.get(f"o{i}", 1, 2) == b"xx"
+    assert len(store._fds) == OPEN_OBJECTS
+    await store.close()
+    assert store._fds == {}
+
+    pooled = open_store(f"file://{tmp_path}/o?inline_read=0")
+    await pooled.check()
+    await pooled.put("k", b"0123456789")
+    assert await pooled.get("k", 2, 3) == b"234"
+    assert pooled._fds == {}
+    await pooled.close()
 
 
 async def test_fsync_can_be_turned_off(tmp_path, monkeypatch):

@@ -269,8 +269,8 @@ async def _private_mount(work: Path, extra: list[str]) -> AsyncIterator[tuple[Pa
         mnt = work / "mnt"
         mnt.mkdir()
         log = work / "mount.log"
-        argv = ["mount", redis.url, str(mnt), "--cache-dir", str(work / "cache"),
-                "--log", str(log), *extra]  # fmt: skip
+        # `cairn mount` defaults: for this file:// store, a memory cache and no disk tier
+        argv = ["mount", redis.url, str(mnt), "--log", str(log), *extra]
         pid = mount.start_background(argv, str(mnt), log)
         try:
             yield mnt, store_root, pid

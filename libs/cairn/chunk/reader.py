@@ -50,6 +50,15 @@ FETCH_DEADLINE = 60.0
 MAX_STREAMS = 10_000
 
 
+def _is_local(store: Any) -> bool:
+    """Is the store (under any wrappers: caches, counters) a file:// store?"""
+    while store is not None:
+        if getattr(store, "scheme", "") == "file":
+            return True
+        store = getattr(store, "store", None)
+    return False
+
+
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -90,6 +99,7 @@ class ChunkReader:
         max_fetches: int = DEFAULT_MAX_FETCHES,
         readahead_max: int | None = None,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        local: bool | None = None,
     ) -> None:
         fmt = getattr(meta, "fmt", None)
         self.meta = meta
@@ -103,6 +113,9 @@ class ChunkReader:
         # A store with a block cache in front (CachedStore) is read in whole blocks.
         self.cached = hasattr(store, "cache") if cached is None else cached
         self.whole_blocks = self.cached or self.codec.name != "none"
+        # A file:// store answers ranged reads from local disk about as fast as a cache:
+        # a random small read of it does not pull the whole block in the background.
+        self.local = _is_local(store) if local is None else local
         self.readahead_max = readahead_max if readahead_max is not None else 8 * self.block_size
         self.memory_limit = memory_limit
         self._slots = asyncio.Semaphore(max_fetches)
@@ -114,22 +127,35 @@ class ChunkReader:
         self._prefetches: set[asyncio.Task[None]] = set()
 
     async def read(
-        self, inode: int, offset: int, size: int, file_length: int, handle: Hashable = None
-    ) -> bytes:
-        """Bytes [offset, offset + size) of the file, cut at `file_length`; holes are zeros."""
+        self,
+        inode: int,
+        offset: int,
+        size: int,
+        file_length: int,
+        handle: Hashable = None,
+        view: bool = False,
+    ) -> bytes | memoryview:
+        """Bytes [offset, offset + size) of the file, cut at `file_length`; holes are zeros.
+
+        view=True may answer a read-only memoryview of a cached block instead of a copy
+        (when one block holds the whole range): the FUSE reply reads it as it is."""
         if offset < 0 or size < 0:
             raise InvalidArgument(f"invalid read of {size} bytes at {offset}")
         end = min(offset + size, file_length)
         if end <= offset:
             return b""
-        out = bytearray(end - offset)
         pieces = await self._plan(inode, offset, end - offset)
-        view = memoryview(out)
         stream = self._streams.get(inode if handle is None else handle)
         small = end - offset <= SMALL_READ and (stream is None or stream.next_offset != offset)
-        await asyncio.gather(*(self._fill(view, p, small) for p in pieces))
+        if len(pieces) == 1 and pieces[0].length == end - offset:
+            data = await self._piece(pieces[0], small)
+            self._read_ahead(inode, offset, end, file_length, handle)
+            return data if view or isinstance(data, bytes) else bytes(data)
+        out = bytearray(end - offset)
+        buf = memoryview(out)
+        await asyncio.gather(*(self._fill(buf, p, small) for p in pieces))
         self._read_ahead(inode, offset, end, file_length, handle)
-        return bytes(out)
+        return out if view else bytes(out)
 
     async def read_segments(self, segments: list[Any], pos: int, length: int) -> bytes:
         """Bytes [pos, pos + length) of a chunk already resolved into `segments` (compaction)."""
@@ -189,6 +215,10 @@ class ChunkReader:
     # -- fetching --------------------------------------------------------------
 
     async def _fill(self, out: memoryview, piece: _Piece, small: bool = False) -> None:
+        out[piece.dest : piece.dest + piece.length] = await self._piece(piece, small)
+
+    async def _piece(self, piece: _Piece, small: bool = False) -> bytes | memoryview:
+        """The bytes of one piece: a view into a whole block, or a ranged read's answer."""
         block = self._blocks.get(piece.key)
         if block is not None:
             self._blocks.move_to_end(piece.key)
@@ -200,10 +230,10 @@ class ChunkReader:
         elif self.whole_blocks or piece.key in self._inflight:
             block = await self._whole_block(piece.key, piece.block_len)
         if block is not None:
-            data: bytes | memoryview = memoryview(block)[piece.start : piece.start + piece.length]
-        else:
-            data = await self._ranged(piece)
-        out[piece.dest : piece.dest + piece.length] = data
+            if piece.start == 0 and piece.length == len(block):
+                return block
+            return memoryview(block)[piece.start : piece.start + piece.length]
+        return await self._ranged(piece)
 
     async def _ranged(self, piece: _Piece) -> bytes:
         async with self._slots:
@@ -224,7 +254,7 @@ class ChunkReader:
 
     def _fetch_in_background(self, key: str, block_len: int) -> None:
         """Starts fetching the whole block into the caches, if nobody is already."""
-        if not self.whole_blocks or key in self._inflight:
+        if not self.whole_blocks or self.local or key in self._inflight:
             return
         task = asyncio.create_task(self._background_block(key, block_len))
         self._prefetches.add(task)

@@ -401,6 +401,7 @@ async def open_vfs(config: MountConfig) -> Any:
         cache_dir=cache_dir,
         cache_size=config.cache_size,
         session_info={"mountpoint": config.mountpoint},
+        local_disk_cache=config.cache_dir is not None,  # asked for by name: a cache it is
         attr_ttl=config.attr_timeout,
         entry_ttl=config.entry_timeout,
         dir_entry_ttl=config.entry_timeout,
