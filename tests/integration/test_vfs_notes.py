@@ -69,6 +69,9 @@ async def test_other_mounts_changes_show_long_before_the_ttl(pair):
     one, two, told = pair
     ino = await new_file(one, b"f", b"first")
     assert (await two.lookup(CTX, ROOT, b"f")).mode & 0o777 == 0o644  # two caches it
+    await asyncio.sleep(5 * changes_module.DEFAULT_DELAY)  # the create's notes are out
+    told.clear()
+    assert (await two.getattr(CTX, ino)).mode & 0o777 == 0o644  # cached again, for a minute
 
     await one.setattr(CTX, ino, mode=0o600)
 
@@ -88,6 +91,7 @@ async def test_other_mounts_changes_show_long_before_the_ttl(pair):
     await eventually(size_changed)
     assert any(inodes.get(ino) for inodes, _ in told)  # contents too: the pages must go
 
+    await two.lookup(CTX, ROOT, b"f")  # the name cached again
     await one.rename(CTX, ROOT, b"f", ROOT, b"g")
 
     async def renamed() -> bool:
@@ -101,6 +105,7 @@ async def test_other_mounts_changes_show_long_before_the_ttl(pair):
     assert (await two.lookup(CTX, ROOT, b"g")).inode == ino
     assert any((ROOT, b"f") in entries for _, entries in told)
 
+    await two.lookup(CTX, ROOT, b"g")
     await one.unlink(CTX, ROOT, b"g")
 
     async def unlinked() -> bool:
