@@ -27,6 +27,7 @@ from redis.exceptions import WatchError
 
 from cairn.errors import ConfigError, ConflictError, FSError, UnavailableError
 from cairn.meta import keys
+from cairn.meta.lua import LuaChannel
 from cairn.meta.slices import SliceRecord, unpack_records
 from cairn.meta.types import (
     CHUNK_SIZE,
@@ -171,19 +172,28 @@ class MetaBase:
         self._trash_dirs: dict[bytes, int] = {}
         self._session_info: dict[str, str] = {}
         self._scripts: dict[str, Any] = {}
+        self._lua = LuaChannel.for_url(url)
         # Packed attributes of directories as this client last saw them: creates check
         # against them and the create script compares, so a stale one costs a round trip.
         self._dir_raw: dict[int, bytes] = {}
 
     # -- Lua scripts ------------------------------------------------------------------------
 
-    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Runs the script `name`.lua beside this module (EVALSHA, loaded on first use)."""
+    def _script(self, name: str) -> Any:
+        """redis-py's Script for `name`.lua beside this module (registered on first use)."""
         script = self._scripts.get(name)
         if script is None:
             text = (Path(__file__).parent / f"{name}.lua").read_text()
             script = self._scripts[name] = self.r.register_script(text)
+        return script
+
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Runs the script `name`.lua (EVALSHA, loaded on first use): over the lean
+        connection of cairn.meta.lua when the URL allows, else through redis-py."""
+        script = self._script(name)
         try:
+            if self._lua is not None:
+                return await self._lua.eval(script.sha, script.script, keys, args)
             return await script(keys=keys, args=args)
         except REDIS_ERRORS as error:
             raise unavailable(self.url, error) from None
@@ -192,18 +202,12 @@ class MetaBase:
         """Runs the script `name` once per (keys, args) in one pipelined round trip."""
         if not calls:
             return []
-        script = self._scripts.get(name)
-        if script is None:
-            first = [await self._eval(name, *calls[0])]  # loads it
-            script = self._scripts[name]
-            calls = calls[1:]
-        else:
-            first = []
+        script = self._script(name)
         try:
             async with self.r.pipeline(transaction=False) as pipe:
                 for script_keys, args in calls:
                     await script(keys=script_keys, args=args, client=pipe)
-                return first + await pipe.execute() if calls else first
+                return await pipe.execute()
         except REDIS_ERRORS as error:
             raise unavailable(self.url, error) from None
 

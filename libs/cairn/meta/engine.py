@@ -159,6 +159,8 @@ class Meta(
         if inode is not None:
             await self.close_file(inode)
             return
+        if self._lua is not None:
+            await self._lua.close()
         await self.r.aclose()
 
     async def reload_format(self) -> Format:
