@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cairn's one set-up script: installs everything a fresh Debian/Ubuntu machine needs
-# (apt packages, .venv, the project in editable mode, generated gRPC code), then runs
-# what you ask for. Re-running it is fast: each step checks whether it is already done.
+# (apt packages, .venv, the project in editable mode, pyfuse3 built with Cairn's lock patch,
+# generated gRPC code), then runs what you ask for. Re-running it is fast: each step checks
+# whether it is already done.
 #
 #   ./run.sh setup          install only
 #   ./run.sh demo           install, then run the main job (a local Cairn stack)
@@ -10,7 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
-APT_PACKAGES="nats-server redis-server fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc git procps rsync sqlite3"
+APT_PACKAGES="nats-server redis-server fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc git patch procps rsync sqlite3"
+# pyfuse3 is built from its source release with third_party/pyfuse3/locks.patch (file locks
+# that hold across mounts); the build has pyfuse3.CAIRN_LOCKS == PYFUSE3_PATCH_LEVEL.
+PYFUSE3_VERSION=3.5.0
+PYFUSE3_PATCH_LEVEL=1
 
 say() { printf '[cairn-setup] %s\n' "$*" >&2; }
 
@@ -49,6 +54,31 @@ install_venv() {
   fi
 }
 
+install_pyfuse3() {
+  local check="import sys, pyfuse3; sys.exit(getattr(pyfuse3, 'CAIRN_LOCKS', 0) != $PYFUSE3_PATCH_LEVEL)"
+  "$VENV/bin/python" -c "$check" 2>/dev/null && return 0
+  say "building pyfuse3 $PYFUSE3_VERSION with third_party/pyfuse3/locks.patch"
+  local started=$SECONDS work
+  work=$(mktemp -d)
+  (
+    trap 'rm -rf "$work"' EXIT
+    # Build tools: Cython regenerates the C from the patched sources; setuptools_scm reads
+    # the source release's own version when pip checks what it downloaded.
+    "$VENV/bin/python" -m pip install -q "Cython>=3.0,<4" "setuptools_scm>=8"
+    "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+      -d "$work" "pyfuse3==$PYFUSE3_VERSION"
+    tar -xzf "$work/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$work"
+    local src="$work/pyfuse3-$PYFUSE3_VERSION"
+    patch -d "$src" -p1 --quiet --forward <"$ROOT/third_party/pyfuse3/locks.patch"
+    rm -f "$src/src/pyfuse3/__init__.c"  # the release's pre-generated C, without the patch
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation "$src"
+  )
+  if ! "$VENV/bin/python" -c "$check"; then
+    say "the pyfuse3 just built lacks CAIRN_LOCKS = $PYFUSE3_PATCH_LEVEL"; exit 1
+  fi
+  say "pyfuse3 built and installed in $((SECONDS - started)) s"
+}
+
 generate_proto() {
   "$VENV/bin/python" -m cairn.rpc.codegen
 }
@@ -56,6 +86,7 @@ generate_proto() {
 setup() {
   install_apt
   install_venv
+  install_pyfuse3
   generate_proto
 }
 

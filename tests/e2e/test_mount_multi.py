@@ -1,5 +1,6 @@
 """Two mounts of one volume (two processes, as on two nodes): close-to-open consistency,
-namespace changes, and what file locks do and do not cover."""
+namespace changes, and flock within one mount and across two (test_mount_locks.py has the
+rest of the file locks)."""
 
 from __future__ import annotations
 
@@ -104,11 +105,6 @@ def test_flock_excludes_within_one_mount(mnt):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyfuse3 exposes no flock/getlk/setlk handlers, so the kernel keeps locks local "
-    "to each mount; the engine's distributed locks (Meta.flock/setlk) are unreachable",
-)
 def test_flock_in_one_mount_blocks_the_other(volume, mounts):
     a = mounts(volume, name="a").path
     b = mounts(volume, name="b").path

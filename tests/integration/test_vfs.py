@@ -573,6 +573,20 @@ async def test_locks_delegate_and_go_with_the_handle(vfs):
     await vfs.release(b)
 
 
+async def test_any_close_drops_the_owner_record_locks(vfs):
+    ino = await new_file(vfs, b"f")
+    a = await vfs.open(CTX, ino, os.O_RDWR)
+    b = await vfs.open(CTX, ino, os.O_RDWR)  # the same process opened the file twice
+    other = await vfs.open(CTX, ino, os.O_RDWR)
+    await vfs.setlk(a, 1, F_WRLCK, 0, 99, pid=10)
+    await vfs.flush(other, lock_owner=2)  # another owner's close changes nothing
+    assert await vfs.getlk(other, 2, F_RDLCK, 0, 0, 11) == (F_WRLCK, 0, 99, 10)
+    await vfs.flush(b, lock_owner=1)  # POSIX: a close through b drops what a took
+    assert (await vfs.getlk(other, 2, F_WRLCK, 0, 99, 11))[0] == F_UNLCK
+    for fh in (a, b, other):
+        await vfs.release(fh)
+
+
 # -- caches, consistency, two clients ------------------------------------------------------------
 
 

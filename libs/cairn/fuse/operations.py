@@ -21,14 +21,22 @@ directories, owners changing modes, the engine's view being newer than the kerne
 POSIX ACLs and file capabilities are not supported: their xattrs (system.posix_acl_*,
 security.capability) are refused with EOPNOTSUPP rather than stored with no effect.
 
-Not here because pyfuse3 does not expose them: flock/getlk/setlk (the kernel then keeps
-locks local to this mount: they exclude processes of one node, not of two mounts),
-fallocate (EOPNOTSUPP) and copy_file_range (the kernel copies through read and write).
+File locks: flock(2) and POSIX record locks (fcntl F_SETLK/F_SETLKW/F_GETLK, lockf) go to
+the engine's locks, so they exclude processes of all mounts. pyfuse3 3.5.0 has no lock
+handlers: third_party/pyfuse3 patches them in (with the lock owner that flush needs to drop
+a process's POSIX locks at any close, and a way to see a waiter interrupted), and
+./run.sh setup builds it. Under an unpatched pyfuse3 the lock handlers are never called and
+the kernel keeps locks local to the mount (init() warns).
+
+Not here because pyfuse3 does not expose them: fallocate (EOPNOTSUPP) and copy_file_range
+(the kernel copies through read and write).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -41,7 +49,7 @@ from pyfuse3 import FUSEError
 
 from cairn.errors import CairnError, FSError, TemporaryError
 from cairn.fuse.invalidate import KernelInvalidator
-from cairn.meta.types import Attr, Ctx
+from cairn.meta.types import F_RDLCK, F_UNLCK, F_WRLCK, Attr, Ctx
 from cairn.vfs import to_errno
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,8 @@ NAME_MAX = 255
 GROUPS_TTL = 1.0
 GROUPS_CACHE_MAX = 4096
 TOLD_MAX = 200_000
+INTERRUPT_POLL = 0.05  # how often a blocked lock request checks whether it was interrupted
+FLOCK_TYPES = {fcntl.LOCK_SH: F_RDLCK, fcntl.LOCK_EX: F_WRLCK, fcntl.LOCK_UN: F_UNLCK}
 # POSIX ACLs travel as these xattrs. Cairn does not implement ACLs (the kernel would leave
 # applying them to the mode bits to us), so they are refused as unsupported: cp -a, tar
 # and rsync then fall back to chmod, instead of storing an ACL nothing enforces.
@@ -122,6 +132,7 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_acl = False
+    pass_lock_owner = True  # (patched pyfuse3) flush(fh, lock_owner), release(fh, flock_owner)
     # Set by cairn.fuse.control: observe(op, seconds, failed) after every request, and
     # the control socket's path.
     observe: Callable[[str, float, bool], None] | None = None
@@ -351,24 +362,24 @@ class Operations(pyfuse3.Operations):
         h.flags &= ~os.O_APPEND
 
     @_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.vfs.read(fh, off, size)
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        return await self.vfs.read(fh, off, size, view=True)  # pyfuse3 takes any buffer
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.vfs.write(fh, off, buf)
 
     @_handler
-    async def flush(self, fh: int) -> None:
-        await self.vfs.flush(fh)
+    async def flush(self, fh: int, lock_owner: int | None = None) -> None:
+        await self.vfs.flush(fh, lock_owner)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.vfs.fsync(fh, datasync)
 
     @_handler
-    async def release(self, fh: int) -> None:
-        await self.vfs.release(fh)
+    async def release(self, fh: int, flock_owner: int | None = None) -> None:
+        await self.vfs.release(fh)  # drops the handle's locks, flock_owner's among them
 
     # -- directories --------------------------------------------------------------------------
 
@@ -452,6 +463,72 @@ class Operations(pyfuse3.Operations):
         if name in ACL_XATTRS:
             raise FUSEError(errno.EOPNOTSUPP)
         await self.vfs.removexattr(self._ctx(ctx), inode, name)
+
+    # -- file locks ---------------------------------------------------------------------------
+    # Called only by the patched pyfuse3 (third_party/pyfuse3); lock types are Linux's
+    # F_RDLCK/F_WRLCK/F_UNLCK, as the engine's; ranges are [start, end], end inclusive.
+
+    def init(self) -> None:
+        if not getattr(pyfuse3, "CAIRN_LOCKS", 0):
+            log.warning(
+                "pyfuse3 %s lacks the lock handlers of third_party/pyfuse3 (./run.sh setup "
+                "builds them): file locks will exclude processes of this mount only",
+                pyfuse3.__version__,
+            )
+
+    @_handler
+    async def flock(self, fh: int, owner: int, op: int, interrupted: Callable[[], bool]) -> None:
+        type = FLOCK_TYPES.get(op & ~fcntl.LOCK_NB)
+        if type is None:
+            raise FUSEError(errno.EINVAL)
+        if op & fcntl.LOCK_NB or type == F_UNLCK:
+            await self.vfs.flock(fh, owner, type, False)
+        else:
+            await self._unless_interrupted(self.vfs.flock(fh, owner, type, True), interrupted)
+
+    @_handler
+    async def getlk(
+        self, fh: int, owner: int, type: int, start: int, end: int, pid: int
+    ) -> tuple[int, int, int, int]:
+        return await self.vfs.getlk(fh, owner, type, start, end, pid)
+
+    @_handler
+    async def setlk(
+        self,
+        fh: int,
+        owner: int,
+        type: int,
+        start: int,
+        end: int,
+        pid: int,
+        sleep: bool,
+        interrupted: Callable[[], bool],
+    ) -> None:
+        if not sleep or type == F_UNLCK:
+            await self.vfs.setlk(fh, owner, type, start, end, pid, False)
+        else:
+            work = self.vfs.setlk(fh, owner, type, start, end, pid, True)
+            await self._unless_interrupted(work, interrupted)
+
+    async def _unless_interrupted(
+        self, wait: Awaitable[None], interrupted: Callable[[], bool]
+    ) -> None:
+        """Awaits a blocking lock request until it is granted or the kernel interrupts it (the
+        waiter got a signal, or was killed: the kernel lets it go only once answered). The
+        engine's wait is then cancelled and the answer is EINTR."""
+        task = asyncio.ensure_future(wait)
+        try:
+            while not task.done():
+                await asyncio.wait((task,), timeout=INTERRUPT_POLL)
+                if not task.done() and interrupted():
+                    task.cancel()
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        raise FUSEError(errno.EINTR) from None
+            task.result()
+        finally:
+            task.cancel()  # when this request itself is cancelled
 
     def stacktrace(self) -> None:
         """pyfuse3's deadlock helper (setxattr fuse_stacktrace on the root): logs stacks."""

@@ -231,12 +231,14 @@ class MetaBase:
     @asynccontextmanager
     async def _inode_locks(self, inodes: Iterable[int]):
         stripes = sorted({ino % len(self._locks) for ino in inodes})
-        for s in stripes:
-            await self._locks[s].acquire()
+        held: list[int] = []
         try:
+            for s in stripes:  # a cancellation between two acquires releases the first
+                await self._locks[s].acquire()
+                held.append(s)
             yield
         finally:
-            for s in reversed(stripes):
+            for s in reversed(held):
                 self._locks[s].release()
 
     async def _txn(

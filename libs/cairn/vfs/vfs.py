@@ -195,11 +195,13 @@ class VFS:
         cache_memory: int = 256 * MiB,
         session_info: dict | None = None,
         store_options: dict | None = None,
+        local_disk_cache: bool = False,
         **options: Any,
     ) -> VFS:
         """Connects to the volume at meta_url and its object store, puts a block cache in
         front (memory `cache_memory`, disk `cache_size` under `cache_dir`; none when both
-        are off), starts a session with heartbeats and the idle flusher. close() it."""
+        are off; no disk tier for a file:// store unless `local_disk_cache`), starts a
+        session with heartbeats and the idle flusher. close() it."""
         from cairn.meta.engine import Meta
         from cairn.storage import BlockCache, CachedStore, open_store
 
@@ -208,6 +210,10 @@ class VFS:
         try:
             store = open_store(meta.fmt.storage, **(store_options or {}))
             await store.check()
+            if store.scheme == "file" and not local_disk_cache:
+                # The store is a local disk already: a disk cache in front of it would
+                # only write every block read a second time.
+                cache_dir = None
             if cache_memory > 0 or cache_dir is not None:
                 cache = BlockCache(cache_memory, cache_dir, cache_size)
                 store = CachedStore(store, cache)
@@ -375,7 +381,10 @@ class VFS:
         return size, mtime, ctime
 
     def _export(self, attr: Attr) -> Attr:
-        """A copy of the engine's attr for the kernel: local sizes, the kernel's numbers."""
+        """The engine's attr as the kernel sees it: local sizes, the kernel's numbers (a
+        copy when they differ; callers only read it)."""
+        if self.root == ROOT_INODE and (not attr.is_file() or attr.inode not in self._dirty):
+            return attr
         out = dataclasses.replace(attr)
         if attr.is_file():
             out.size, out.mtime, out.ctime = self._local_size(attr)
@@ -720,7 +729,8 @@ class VFS:
         return self.handles.add_file(ino, flags, ctx, writer).fh, self._export(attr)
 
     @_op("read")
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int, view: bool = False) -> bytes | memoryview:
+        """view=True: the answer may be a read-only view of a cached block (no copy)."""
         h = self.handles.file(fh)
         if not h.readable:
             raise FSError(errno.EBADF, "handle not open for reading")
@@ -737,13 +747,13 @@ class VFS:
             return b""
         self._chunks.expect(ino, attr.size)
         try:
-            data = await self.reader.read(ino, offset, size, attr.size, fh)
+            data = await self.reader.read(ino, offset, size, attr.size, fh, view)
         except NotFound:
             # Cached slices named objects compaction has since replaced: read them afresh.
             self._chunks.invalidate(ino)
             attr = await self._attr(ino, fresh=True)
             self._chunks.expect(ino, attr.size)
-            data = await self.reader.read(ino, offset, size, attr.size, fh)
+            data = await self.reader.read(ino, offset, size, attr.size, fh, view)
         self.stats.bytes_read += len(data)
         return data
 
@@ -790,9 +800,13 @@ class VFS:
                 await h.writer.flush()
                 self._settle(h.inode)
         finally:
-            if lock_owner is not None and lock_owner in h.posix_owners:
-                h.posix_owners.discard(lock_owner)
-                await self.meta.setlk(h.inode, lock_owner, False, F_UNLCK, 0, MAX_LOCK_END, 0)
+            # POSIX: any close drops the process's locks on the file, whichever open took them.
+            if lock_owner is not None:
+                held = [o for o in self.handles.of_inode(h.inode) if lock_owner in o.posix_owners]
+                for o in held:
+                    o.posix_owners.discard(lock_owner)
+                if held:
+                    await self.meta.setlk(h.inode, lock_owner, False, F_UNLCK, 0, MAX_LOCK_END, 0)
 
     @_op("fsync")
     async def fsync(self, fh: int, datasync: bool = False) -> None:
