@@ -39,6 +39,16 @@ async def test_replies_match_redis_py_and_scripts_come_back_after_a_flush(redis_
         assert await lua.eval(sha_of(ECHO), ECHO, ["k"], ["x", 1]) == [b"x", 2, b"v", None]
         with pytest.raises(ResponseError):
             await lua.eval(sha_of("error"), "return redis.error_reply('nope')", [], [])
+        # Batches: one write, replies in order, a flushed script loaded again.
+        await r.script_flush()
+        for n in (1, 3):
+            calls = [(["k"], [str(i), i]) for i in range(n)]
+            got = await lua.eval_many(sha_of(ECHO), ECHO, calls)
+            assert got == [[str(i).encode(), i + 1, b"v", None] for i in range(n)]
+        assert await lua.eval_many(sha_of(ECHO), ECHO, []) == []
+        assert await lua.command("PUBLISH", "nobody-listens", b"x") == 0
+        with pytest.raises(ResponseError):
+            await lua.command("NOSUCHCOMMAND")
         # Concurrent calls share the connection; each gets its own reply.
         answers = await asyncio.gather(
             *(lua.eval(sha_of(ECHO), ECHO, ["k"], [str(i), i]) for i in range(200))

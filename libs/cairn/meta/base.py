@@ -204,10 +204,22 @@ class MetaBase:
             return []
         script = self._script(name)
         try:
+            if self._lua is not None:
+                return await self._lua.eval_many(script.sha, script.script, calls)
             async with self.r.pipeline(transaction=False) as pipe:
                 for script_keys, args in calls:
                     await script(keys=script_keys, args=args, client=pipe)
                 return await pipe.execute()
+        except REDIS_ERRORS as error:
+            raise unavailable(self.url, error) from None
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """PUBLISH (change notes between mounts: cairn.vfs.changes)."""
+        try:
+            if self._lua is not None:
+                await self._lua.command("PUBLISH", channel, message)
+            else:
+                await self.r.publish(channel, message)
         except REDIS_ERRORS as error:
             raise unavailable(self.url, error) from None
 

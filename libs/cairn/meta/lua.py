@@ -1,4 +1,5 @@
-"""The engine's Lua scripts (create, lookup, release) over one lean, pipelined connection.
+"""The engine's hottest commands over one lean, pipelined connection: its Lua scripts
+(create, lookup, release, also batched), and PUBLISH of change notes.
 
 These scripts carry the hottest metadata operations: every lookup and every create is one
 of them. redis-py's asyncio client spends more time in Python per command (a pooled
@@ -55,13 +56,20 @@ class _Protocol(asyncio.Protocol):
                 future.set_exception(self.lost)
 
     def call(self, packed: bytes) -> asyncio.Future[Any]:
-        future = asyncio.get_running_loop().create_future()
+        """Sends one packed command; the future of its reply."""
+        return self.call_many(packed, 1)[0]
+
+    def call_many(self, packed: bytes, replies: int) -> list[asyncio.Future[Any]]:
+        """Sends `replies` packed commands in one write; the futures of their replies."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(replies)]
         if self.lost is not None or self.transport is None:
-            future.set_exception(self.lost or RedisConnectionError("not connected"))
-            return future
-        self.waiting.append(future)
-        self.transport.write(packed)
-        return future
+            for future in futures:
+                future.set_exception(self.lost or RedisConnectionError("not connected"))
+        else:
+            self.waiting.extend(futures)
+            self.transport.write(packed)
+        return futures
 
 
 class LuaChannel:
@@ -100,6 +108,32 @@ class LuaChannel:
                 if str(reply).startswith("NOSCRIPT"):
                     raise NoScriptError(str(reply))
                 raise ResponseError(str(reply))
+        return reply
+
+    async def eval_many(
+        self, sha: str, script: str, calls: list[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """EVALSHA sha once per (keys, args), all in one write; the replies in order."""
+        if not calls:
+            return []
+        proto = await self._connected()
+        packed = b"".join(
+            hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)) for keys, args in calls
+        )
+        replies = list(await asyncio.gather(*proto.call_many(packed, len(calls))))
+        for i, reply in enumerate(replies):
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                replies[i] = await self.eval(sha, script, *calls[i])  # loads it
+            elif isinstance(reply, hiredis.ReplyError):
+                raise ResponseError(str(reply))
+        return replies
+
+    async def command(self, *args: Any) -> Any:
+        """One plain command (PUBLISH...); an error reply raises ResponseError."""
+        proto = await self._connected()
+        reply = await proto.call(hiredis.pack_command(args))
+        if isinstance(reply, hiredis.ReplyError):
+            raise ResponseError(str(reply))
         return reply
 
     async def _connected(self) -> _Protocol:

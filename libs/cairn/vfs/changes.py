@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
 
+from cairn.errors import CairnError
 from cairn.meta import keys
 from cairn.meta.base import REDIS_ERRORS
 
@@ -52,8 +53,11 @@ class ChangeFeed:
         on_reset: Callable[[], None],
         *,
         delay: float = DEFAULT_DELAY,
+        publish: Callable[[str, bytes], Awaitable[Any]] | None = None,
     ) -> None:
+        """`redis` (redis-py) subscribes; `publish` (default: redis.publish) sends."""
         self.r = redis
+        self._publish = publish or redis.publish
         self.channel = keys.changes(uuid)
         self.sid = sid
         self.on_change = on_change
@@ -101,9 +105,9 @@ class ChangeFeed:
                 inodes, entries = {}, []
             note = msgpack.packb([self.sid, inodes, entries])
             try:
-                await self.r.publish(self.channel, note)
+                await self._publish(self.channel, note)
                 self.sent += 1
-            except REDIS_ERRORS as error:
+            except (*REDIS_ERRORS, CairnError) as error:
                 log.debug("change note not sent: %s", error)
 
     # -- hearing ------------------------------------------------------------------------

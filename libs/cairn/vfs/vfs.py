@@ -250,7 +250,12 @@ class VFS:
             self.writer.start(idle_seconds=self.options.flush_idle)
         if self.options.notes and self.meta.sid is not None and self.changes is None:
             self.changes = ChangeFeed(
-                self.meta.r, self.meta.fmt.uuid, self.meta.sid, self._heard, self._reset
+                self.meta.r,
+                self.meta.fmt.uuid,
+                self.meta.sid,
+                self._heard,
+                self._reset,
+                publish=self.meta.publish,
             )
             await self.changes.start()
 
