@@ -417,12 +417,12 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
     Raises CairnError (one line) when the mount cannot be made: a bad URL, an unformatted
     volume, an unusable mountpoint, FUSE refusing."""
     import pyfuse3
+    import pyfuse3.asyncio
 
     from cairn.fuse import control
-    from cairn.fuse import loop as fuse_loop
     from cairn.fuse.operations import Operations
 
-    fuse_loop.enable()
+    pyfuse3.asyncio.enable()
     logging.getLogger("pyfuse3").addFilter(_QuietReleaseReplies())
     mountpoint = prepare_mountpoint(config.mountpoint)
     parent_dev = os.stat(os.path.dirname(mountpoint) or "/").st_dev
@@ -479,7 +479,6 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
         if stopper.task is not None:
             await asyncio.gather(stopper.task, return_exceptions=True)
         ops.close()
-        fuse_loop.disable_reader()
         try:
             pyfuse3.close(unmount=True)
         except Exception:
