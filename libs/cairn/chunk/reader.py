@@ -187,7 +187,12 @@ class ChunkReader:
     async def _plan(self, inode: int, offset: int, length: int) -> list[_Piece]:
         """The block pieces that hold file range [offset, offset + length), holes left out."""
         spans = list(layout.chunk_spans(offset, length, self.chunk_size))
-        views = await asyncio.gather(*(_maybe_await(self.meta.read(inode, s.index)) for s in spans))
+        if len(spans) == 1:  # most reads: no tasks to gather
+            views = [await _maybe_await(self.meta.read(inode, spans[0].index))]
+        else:
+            views = await asyncio.gather(
+                *(_maybe_await(self.meta.read(inode, s.index)) for s in spans)
+            )
         pieces = []
         for span, segments in zip(spans, views, strict=True):
             pieces.extend(self._chunk_pieces(span, segments))
