@@ -223,3 +223,40 @@ async def test_last_closes_are_released_together_a_moment_later(volume):
     finally:
         await meta.close_session()
         await meta.close()
+
+
+async def test_the_listener_comes_back_after_a_redis_restart_and_forgets_its_caches(tmp_path):
+    from cairn import localstack
+
+    server = localstack.start_tcp(localstack.redis_server(tmp_path / "redis"))
+    try:
+        url = server.url
+        fmt = Format(name="restart", storage=f"file://{tmp_path}/objects", trash_days=0)
+        await format_volume(url, fmt)
+        opts = dict(attr_ttl=LONG, entry_ttl=LONG, dir_entry_ttl=LONG, cache_memory=1 << 20)
+        one = await VFS.open_volume(url, **opts)
+        two = await VFS.open_volume(url, **opts)
+        try:
+            ino = await new_file(one, b"f")
+            await two.lookup(CTX, ROOT, b"f")
+            assert len(two._attrs) > 0
+            server.stop()
+            await asyncio.sleep(0.2)
+            server = localstack.start_tcp(localstack.redis_server(tmp_path / "redis", port=server.port))
+
+            async def reset() -> bool:  # notes may have been missed: everything cached goes
+                return len(two._attrs) == 0
+
+            await eventually(reset, timeout=10)
+            await two.getattr(CTX, ino)  # cached again
+            await one.setattr(CTX, ino, mode=0o600)
+
+            async def heard() -> bool:
+                return (await two.getattr(CTX, ino)).mode & 0o777 == 0o600
+
+            await eventually(heard, timeout=10)
+        finally:
+            await one.close()
+            await two.close()
+    finally:
+        server.stop()

@@ -83,6 +83,14 @@ def _register_mount(sub: argparse._SubParsersAction) -> None:
         help="seconds name lookups stay cached when no change note drops them (default 30)",
     )
     p.add_argument(
+        "--outage-wait",
+        type=seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds an operation waits for an unreachable Redis to come back before "
+        "failing with EIO (default 30)",
+    )
+    p.add_argument(
         "--writeback-cache",
         action="store_true",
         help="let the kernel buffer small writes (faster, less consistent between clients)",
@@ -170,7 +178,7 @@ def _config(args: argparse.Namespace) -> object:
         writeback_cache=args.writeback_cache, allow_other=args.allow_other,
         max_tasks=max(1, args.max_requests), log_file=args.log,
         metrics_addr=args.metrics_addr, kernel_readahead=args.kernel_readahead,
-        cache_writes=args.cache_writes,
+        cache_writes=args.cache_writes, outage_wait=args.outage_wait,
     )  # fmt: skip
 
 
@@ -179,6 +187,7 @@ def _child_argv(args: argparse.Namespace, log_path: Path) -> list[str]:
     argv = ["mount", "-" if args.meta_from_env else args.meta_url, os.path.abspath(args.mountpoint),
             "--cache-size", str(args.cache_size), "--buffer-size", str(args.buffer_size),
             "--attr-cache", repr(args.attr_cache), "--entry-cache", repr(args.entry_cache),
+            "--outage-wait", repr(args.outage_wait),
             "--max-requests", str(args.max_requests), "--log", str(log_path),
             "--kernel-readahead", str(args.kernel_readahead),
             "--log-level", args.log_level]  # fmt: skip

@@ -266,6 +266,10 @@ class MountCollector:
             p + "meta_txn_restarts", "metadata transactions restarted on conflict",
             stats.txn_restarts,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            p + "meta_outage_retries", "metadata operations run again while Redis was away",
+            stats.outage_retries,
+        )  # fmt: skip
         vstats = vfs.stats
         yield CounterMetricFamily(p + "fuse_read_bytes", "bytes read through the mount", vstats.bytes_read)  # fmt: skip
         yield CounterMetricFamily(p + "fuse_written_bytes", "bytes written through the mount", vstats.bytes_written)  # fmt: skip
@@ -308,7 +312,11 @@ class Instruments:
             "attr_cache": snap["attr_cache"],
             "entry_cache": snap["entry_cache"],
             "chunk_cache": snap["chunk_cache"],
-            "meta": {"txn": stats.txn, "txn_restarts": stats.txn_restarts},
+            "meta": {
+                "txn": stats.txn,
+                "txn_restarts": stats.txn_restarts,
+                "outage_retries": stats.outage_retries,
+            },
             "bytes_read": snap["bytes_read"],
             "bytes_written": snap["bytes_written"],
             "flushes_for_read": snap["flushes_for_read"],

@@ -164,6 +164,9 @@ class MetaBase:
         self._opens: dict[int, int] = {}
         # Deferred last closes (cairn.meta.namespace close_file): waiting, and on the wire.
         self.close_delay = 0.0
+        # Seconds an operation waits out a Redis outage before failing (cairn.meta.engine;
+        # 0: fail at once, as tools and services want; a mount waits).
+        self.outage_wait = 0.0
         self._closing: set[int] = set()
         self._orphans: set[int] = set()  # unlinked here while open: closes not deferred
         self._releasing: set[int] = set()

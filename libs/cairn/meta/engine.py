@@ -8,16 +8,19 @@ quotas, locks, sessions, dump) over one Redis connection pool. Import from here:
 
 from __future__ import annotations
 
+import asyncio
 import calendar
+import contextvars
 import errno
 import functools
 import inspect
 import json
+import logging
 import stat
 import time
 import uuid as uuidlib
 
-from cairn.errors import ConfigError, FSError
+from cairn.errors import ConfigError, FSError, UnavailableError
 from cairn.meta import keys
 from cairn.meta.base import (
     REDIS_ERRORS,
@@ -65,6 +68,9 @@ from cairn.meta.types import (
     unpack_entry,
 )
 from cairn.meta.xattrs import XattrMixin
+from cairn.retry import Backoff
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CHUNK_SIZE", "F_RDLCK", "F_UNLCK", "F_WRLCK", "FALLOC_FL_KEEP_SIZE",
@@ -79,9 +85,21 @@ _COMPARED = ("name", "storage", "block_size", "compress", "trash_days", "capacit
              "chunk_size")  # fmt: skip
 
 
+_WAITING: contextvars.ContextVar[bool] = contextvars.ContextVar("cairn_meta_waiting", default=False)
+OUTAGE_BACKOFF = Backoff(initial=0.05, maximum=1.0)
+
+
 def _map_redis_errors(cls):
     """Every public coroutine (and async generator) of cls turns Redis outages into
-    UnavailableError naming the URL."""
+    UnavailableError naming the URL.
+
+    With `outage_wait` > 0 (a mount sets it), a coroutine that meets an outage runs again,
+    with backoff, until it succeeds or outage_wait seconds have passed: a Redis restart or
+    a short network loss makes operations wait, not fail. Only the outermost call waits
+    (one public method calling another does not wait twice). A command whose connection
+    broke after Redis ran it is run again: the scripts and transactions then find their
+    work done and answer accordingly (an O_EXCL create can so answer EEXIST for the file
+    it made), the price of not failing every operation in flight at a restart."""
 
     def wrap(fn):
         if inspect.isasyncgenfunction(fn):
@@ -98,10 +116,16 @@ def _map_redis_errors(cls):
 
         @functools.wraps(fn)
         async def coro(self, *args, **kwargs):
+            if self.outage_wait <= 0 or _WAITING.get():
+                try:
+                    return await fn(self, *args, **kwargs)
+                except REDIS_ERRORS as error:
+                    raise unavailable(self.url, error) from None
+            token = _WAITING.set(True)
             try:
-                return await fn(self, *args, **kwargs)
-            except REDIS_ERRORS as error:
-                raise unavailable(self.url, error) from None
+                return await _waiting_out_outages(self, fn, args, kwargs)
+            finally:
+                _WAITING.reset(token)
 
         return coro
 
@@ -112,6 +136,28 @@ def _map_redis_errors(cls):
         if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
             setattr(cls, name, wrap(fn))
     return cls
+
+
+async def _waiting_out_outages(meta, fn, args, kwargs):
+    deadline = None
+    attempt = 0
+    while True:
+        try:
+            result = await fn(meta, *args, **kwargs)
+            if attempt:
+                log.info("metadata engine %s answers again", safe_url(meta.url))
+            return result
+        except (*REDIS_ERRORS, UnavailableError) as error:
+            failure = error if isinstance(error, UnavailableError) else unavailable(meta.url, error)
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + meta.outage_wait
+                log.warning("%s; waiting up to %.0f s for it", failure, meta.outage_wait)
+            if now >= deadline:
+                raise failure from None
+            meta.stats.outage_retries += 1
+            await asyncio.sleep(min(OUTAGE_BACKOFF.delay(attempt), deadline - now))
+            attempt += 1
 
 
 class _OpenDescriptor:

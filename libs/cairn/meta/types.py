@@ -205,4 +205,5 @@ class Stats:
 
     txn: int = 0
     txn_restarts: int = 0
+    outage_retries: int = 0  # operations run again while Redis was unreachable
     extra: dict = field(default_factory=dict)

@@ -90,6 +90,7 @@ class VFSOptions:
     dir_entry_ttl: float = 1.0  # seconds a name -> directory is cached
     notes: bool = True  # send and hear change notes (cairn.vfs.changes)
     close_delay: float = 0.02  # seconds last closes wait to be released in one batch
+    outage_wait: float = 30.0  # seconds an operation waits for Redis to come back (then EIO)
     buffer_size: int = DEFAULT_BUFFER_SIZE  # bytes of writes buffered before back-pressure
     readahead: int | None = None  # bytes read ahead of a sequential reader (None: 8 blocks)
     read_only: bool = False
@@ -155,6 +156,7 @@ class VFS:
         self.meta = meta
         self.store = store
         meta.close_delay = opts.close_delay
+        meta.outage_wait = opts.outage_wait
         self.root = ROOT_INODE
         self.stats = VFSStats()
         self.handles = HandleTable()

@@ -1,0 +1,106 @@
+"""A mount whose Redis goes away: operations wait (up to --outage-wait) and go on when it is
+back, or fail with EIO after that time; the mount keeps running either way, and what was
+fsync'd stays."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+from _mount_helpers import format_volume, start_mount, stop_mount
+
+from cairn import localstack
+
+
+@pytest.fixture
+def redis(tmp_path):
+    """A redis-server of this test's own (append-only, so a restart keeps the volume)."""
+    servers = [localstack.start_tcp(localstack.redis_server(tmp_path / "redis"))]
+
+    def restart():
+        servers.append(localstack.start_tcp(
+            localstack.redis_server(tmp_path / "redis", port=servers[0].port)))  # fmt: skip
+
+    yield servers[0], restart
+    for s in servers:
+        s.stop()
+
+
+def write_synced(path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_operations_wait_for_redis_to_come_back(fuse_ready, redis, tmp_path):
+    server, restart = redis
+    volume = format_volume(server.url, tmp_path / "objects")
+    m = start_mount(volume, tmp_path / "mnt", tmp_path, "--outage-wait", "30")
+    try:
+        write_synced(m.path / "before", b"fsync'd before the outage")
+        server.stop()
+        done: dict[str, object] = {}
+
+        def during() -> None:
+            started = time.monotonic()
+            try:
+                write_synced(m.path / "during", b"written while Redis was away")
+                done["ok"] = time.monotonic() - started
+            except OSError as error:
+                done["error"] = error
+
+        worker = threading.Thread(target=during)
+        worker.start()
+        time.sleep(2)
+        assert worker.is_alive(), f"the create did not wait for Redis: {done}"
+        restart()
+        worker.join(30)
+        assert not worker.is_alive() and "ok" in done, done
+        assert done["ok"] >= 1.5  # it waited for the restart
+        assert (m.path / "before").read_bytes() == b"fsync'd before the outage"
+        assert (m.path / "during").read_bytes() == b"written while Redis was away"
+        assert m.alive()
+    finally:
+        stop_mount(m)
+    # Remounted, both files are there: nothing fsync'd was lost.
+    m = start_mount(volume, tmp_path / "mnt", tmp_path)
+    try:
+        assert (m.path / "during").read_bytes() == b"written while Redis was away"
+    finally:
+        stop_mount(m)
+
+
+def test_after_the_wait_operations_fail_with_eio_and_the_mount_lives_on(
+    fuse_ready, redis, tmp_path
+):
+    server, restart = redis
+    volume = format_volume(server.url, tmp_path / "objects")
+    m = start_mount(volume, tmp_path / "mnt", tmp_path, "--outage-wait", "1")
+    try:
+        (m.path / "kept").write_bytes(b"kept")
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(OSError) as caught:
+            (m.path / "new").write_bytes(b"x")
+        assert caught.value.errno == errno.EIO
+        assert time.monotonic() - started < 15
+        assert m.alive() and m.mounted()
+        restart()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                (m.path / "new").write_bytes(b"after")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the mount did not recover"
+                time.sleep(0.2)
+        assert (m.path / "new").read_bytes() == b"after"
+        assert (m.path / "kept").read_bytes() == b"kept"
+    finally:
+        stop_mount(m)
