@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cairn's one set-up script: installs everything a fresh Debian/Ubuntu machine needs
-# (apt packages, .venv, the project in editable mode, pyfuse3 built with Cairn's lock patch,
+# (apt packages, .venv, the project in editable mode, pyfuse3 built with Cairn's patches,
 # generated gRPC code), then runs what you ask for. Re-running it is fast: each step checks
 # whether it is already done.
 #
@@ -13,9 +13,11 @@ ROOT=$(pwd)
 VENV="$ROOT/.venv"
 APT_PACKAGES="nats-server redis-server fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc git patch procps rsync sqlite3"
 # pyfuse3 is built from its source release with third_party/pyfuse3/locks.patch (file locks
-# that hold across mounts); the build has pyfuse3.CAIRN_LOCKS == PYFUSE3_PATCH_LEVEL.
+# that hold across mounts) and loop.patch (a cheaper session loop); the build has
+# pyfuse3.CAIRN_LOCKS == 1 and pyfuse3.CAIRN_LOOP == PYFUSE3_LOOP_LEVEL.
 PYFUSE3_VERSION=3.5.0
-PYFUSE3_PATCH_LEVEL=1
+PYFUSE3_PATCHES="locks loop"
+PYFUSE3_LOOP_LEVEL=1
 
 say() { printf '[cairn-setup] %s\n' "$*" >&2; }
 
@@ -55,9 +57,9 @@ install_venv() {
 }
 
 install_pyfuse3() {
-  local check="import sys, pyfuse3; sys.exit(getattr(pyfuse3, 'CAIRN_LOCKS', 0) != $PYFUSE3_PATCH_LEVEL)"
+  local check="import sys, pyfuse3; sys.exit(getattr(pyfuse3, 'CAIRN_LOCKS', 0) != 1 or getattr(pyfuse3, 'CAIRN_LOOP', 0) != $PYFUSE3_LOOP_LEVEL)"
   "$VENV/bin/python" -c "$check" 2>/dev/null && return 0
-  say "building pyfuse3 $PYFUSE3_VERSION with third_party/pyfuse3/locks.patch"
+  say "building pyfuse3 $PYFUSE3_VERSION with third_party/pyfuse3/{${PYFUSE3_PATCHES// /,}}.patch"
   local started=$SECONDS work
   work=$(mktemp -d)
   (
@@ -69,12 +71,15 @@ install_pyfuse3() {
       -d "$work" "pyfuse3==$PYFUSE3_VERSION"
     tar -xzf "$work/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$work"
     local src="$work/pyfuse3-$PYFUSE3_VERSION"
-    patch -d "$src" -p1 --quiet --forward <"$ROOT/third_party/pyfuse3/locks.patch"
+    local name
+    for name in $PYFUSE3_PATCHES; do
+      patch -d "$src" -p1 --quiet --forward <"$ROOT/third_party/pyfuse3/$name.patch"
+    done
     rm -f "$src/src/pyfuse3/__init__.c"  # the release's pre-generated C, without the patch
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation "$src"
   )
   if ! "$VENV/bin/python" -c "$check"; then
-    say "the pyfuse3 just built lacks CAIRN_LOCKS = $PYFUSE3_PATCH_LEVEL"; exit 1
+    say "the pyfuse3 just built lacks CAIRN_LOCKS = 1 or CAIRN_LOOP = $PYFUSE3_LOOP_LEVEL"; exit 1
   fi
   say "pyfuse3 built and installed in $((SECONDS - started)) s"
 }

@@ -118,6 +118,7 @@ class ChunkReader:
         self.local = _is_local(store) if local is None else local
         self.readahead_max = readahead_max if readahead_max is not None else 8 * self.block_size
         self.memory_limit = memory_limit
+        self.deadline = FETCH_DEADLINE  # seconds a fetch retries a store that fails
         self._slots = asyncio.Semaphore(max_fetches)
         self._background_slots = asyncio.Semaphore(BACKGROUND_FETCHES)
         self._blocks: OrderedDict[str, bytes] = OrderedDict()  # decoded whole blocks
@@ -244,7 +245,7 @@ class ChunkReader:
         async with self._slots:
             data = await retry(
                 lambda: self.store.get(piece.key, piece.start, piece.length),
-                deadline=FETCH_DEADLINE,
+                deadline=self.deadline,
             )
         if len(data) != piece.length:
             raise CorruptData(
@@ -292,7 +293,7 @@ class ChunkReader:
 
     async def _fetch_block(self, key: str, block_len: int, slots: asyncio.Semaphore) -> bytes:
         async with slots:
-            stored = await retry(lambda: self.store.get(key), deadline=FETCH_DEADLINE)
+            stored = await retry(lambda: self.store.get(key), deadline=self.deadline)
         if self.codec.name == "none":
             data = stored
         else:

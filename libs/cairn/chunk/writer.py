@@ -278,6 +278,7 @@ class ChunkWriter:
         self._landed = asyncio.Event()
         self.on_commit = on_commit
         self._slots = asyncio.Semaphore(max_uploads)
+        self.deadline = UPLOAD_DEADLINE  # seconds an upload retries a store that fails
         self._files: dict[int, FileWriter] = {}
         self._background: asyncio.Task[None] | None = None
 
@@ -417,7 +418,7 @@ class ChunkWriter:
                     stored = data
                 else:
                     stored = await asyncio.to_thread(self.codec.compress, data)
-                await retry(lambda: self.store.put(key, stored), deadline=UPLOAD_DEADLINE)
+                await retry(lambda: self.store.put(key, stored), deadline=self.deadline)
         finally:
             self.buffered -= len(data)
             self.uploading -= len(data)

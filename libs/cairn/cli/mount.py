@@ -85,10 +85,10 @@ def _register_mount(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--outage-wait",
         type=seconds,
-        default=30.0,
+        default=60.0,
         metavar="S",
-        help="seconds an operation waits for an unreachable Redis to come back before "
-        "failing with EIO (default 30)",
+        help="seconds an operation waits for an unreachable Redis or object store to come "
+        "back before failing with EIO (default 60)",
     )
     p.add_argument(
         "--writeback-cache",

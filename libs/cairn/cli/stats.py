@@ -124,6 +124,7 @@ def rates(old: dict, new: dict) -> dict[str, Any]:
         },
         "txn": _delta(new["meta"], old["meta"], "txn") / dt,
         "txn_restarts": _delta(new["meta"], old["meta"], "txn_restarts") / dt,
+        "outage_retries": _delta(new["meta"], old["meta"], "outage_retries") / dt,
         "read_mib": _delta(new, old, "bytes_read") / MiB / dt,
         "write_mib": _delta(new, old, "bytes_written") / MiB / dt,
     }
@@ -154,10 +155,12 @@ def table(snap: dict, r: dict | None) -> list[str]:
     out += [""] + _cache_rows(snap, r)
     meta = snap["meta"]
     if r:
-        out.append(f"{'META':<14}{r['txn']:>10.1f} txn/s {r['txn_restarts']:>10.1f} restarts/s")
+        out.append(f"{'META':<14}{r['txn']:>10.1f} txn/s {r['txn_restarts']:>10.1f} restarts/s "
+                   f"{r['outage_retries']:>8.1f} outage retries/s")  # fmt: skip
         out.append(f"{'DATA':<14}{r['read_mib']:>10.1f} MiB/s read {r['write_mib']:>8.1f} MiB/s written")  # fmt: skip
     else:
-        out.append(f"{'META':<14}{meta['txn']:>10,} txn   {meta['txn_restarts']:>10,} restarts")
+        out.append(f"{'META':<14}{meta['txn']:>10,} txn   {meta['txn_restarts']:>10,} restarts "
+                   f"{meta.get('outage_retries', 0):>8,} outage retries")  # fmt: skip
         out.append(f"{'DATA':<14}{human_bytes(snap['bytes_read']):>10} read  "
                    f"{human_bytes(snap['bytes_written']):>10} written")  # fmt: skip
     out.append(

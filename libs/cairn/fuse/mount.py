@@ -86,7 +86,7 @@ class MountConfig:
     metrics_addr: str | None = None  # host:port of a Prometheus /metrics endpoint
     kernel_readahead: int = 4 << 20  # the kernel's read-ahead for this mount (0: its default)
     cache_writes: bool = False  # also keep written blocks in the disk cache (a second write)
-    outage_wait: float = 30.0  # seconds an operation waits for Redis to come back (then EIO)
+    outage_wait: float = 60.0  # seconds an operation waits for Redis or the store (then EIO)
 
 
 # -- where mounts leave their PID and log ----------------------------------------------------

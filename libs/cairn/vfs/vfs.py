@@ -90,7 +90,8 @@ class VFSOptions:
     dir_entry_ttl: float = 1.0  # seconds a name -> directory is cached
     notes: bool = True  # send and hear change notes (cairn.vfs.changes)
     close_delay: float = 0.02  # seconds last closes wait to be released in one batch
-    outage_wait: float = 30.0  # seconds an operation waits for Redis to come back (then EIO)
+    # seconds an operation waits for Redis or the object store to come back (then EIO)
+    outage_wait: float = 60.0
     buffer_size: int = DEFAULT_BUFFER_SIZE  # bytes of writes buffered before back-pressure
     readahead: int | None = None  # bytes read ahead of a sequential reader (None: 8 blocks)
     read_only: bool = False
@@ -180,6 +181,7 @@ class VFS:
             on_commit=self._committed,
         )
         self.reader = ChunkReader(self._chunks, store, readahead_max=opts.readahead)
+        self.reader.deadline = self.writer.deadline = opts.outage_wait
         self._heartbeat: asyncio.Task[None] | None = None
         self._own_session = False
         self._owned = False  # close() closes meta and store (open_volume made them)
