@@ -50,6 +50,18 @@ def test_mount_table_names_the_volume(mount):
     assert "default_permissions" in options
 
 
+def test_the_mount_runs_cairns_pyfuse3_loop(mount):
+    """third_party/pyfuse3/loop.patch is in the build: the mount reads its FUSE device
+    non-blocking (and answers requests through it, as every other test shows)."""
+    flags = None
+    for fd in os.listdir(f"/proc/{mount.pid}/fd"):
+        if os.readlink(f"/proc/{mount.pid}/fd/{fd}") == "/dev/fuse":
+            with open(f"/proc/{mount.pid}/fdinfo/{fd}") as info:
+                flags = int(next(x for x in info if x.startswith("flags:")).split()[1], 8)
+    assert flags is not None, "no /dev/fuse descriptor in the mount process"
+    assert flags & os.O_NONBLOCK
+
+
 def test_files_read_write_and_stat(mnt):
     p = mnt / "a.txt"
     write_file(p, b"hello world")

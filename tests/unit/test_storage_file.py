@@ -315,6 +315,15 @@ async def test_io_runs_in_a_bounded_pool(tmp_path, monkeypatch):
     await store.close()
 
 
+async def test_will_need_is_a_hint_that_leaves_nothing_open(file_store):
+    await file_store.put("a/k", b"x" * 100_000)
+    before = len(os.listdir("/proc/self/fd"))
+    file_store.will_need("a/k")
+    file_store.will_need("a/missing")  # a hint: the read will say NotFound, not this
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert await file_store.get("a/k") == b"x" * 100_000
+
+
 async def test_small_ranged_reads_run_in_place_and_never_read_a_replaced_object(
     tmp_path, monkeypatch
 ):
@@ -516,3 +525,10 @@ def test_prefixes():
             chunks_prefix(bad)
     with pytest.raises(InvalidArgument):
         block_key(VOL, -1, 0, 1)
+    # A volume seen before takes the short way; bad numbers are still refused.
+    assert block_key(VOL, 5, 0, 1) == f"{VOL}/chunks/0/0/5_0_1"
+    for sid, index, size in ((True, 0, 1), (1.0, 0, 1), (1, -1, 1), (1, 0, "1")):
+        with pytest.raises(InvalidArgument):
+            block_key(VOL, sid, index, size)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        block_key("a/b", 1, 0, 1)

@@ -230,6 +230,30 @@ def test_metric_factories_share_and_prefix():
         metrics.counter("unit_test_ops", "other labels", ["node"])
 
 
+def test_histograms_count_into_cumulative_buckets():
+    latency = metrics.histogram("unit_test_op_seconds", "latency", ["op"], buckets=(0.1, 1.0))
+    read = latency.labels("read")
+    assert latency.labels(op="read") is read
+    for value in (0.05, 0.1, 0.5, 3.0):
+        read.observe(value)
+    latency.labels("write").observe(2.0)
+    lines = set(metrics.exposition().decode().splitlines())
+    for line in (
+        'cairn_unit_test_op_seconds_bucket{le="0.1",op="read"} 2.0',  # <= 0.1: 0.05 and 0.1
+        'cairn_unit_test_op_seconds_bucket{le="1.0",op="read"} 3.0',
+        'cairn_unit_test_op_seconds_bucket{le="+Inf",op="read"} 4.0',
+        'cairn_unit_test_op_seconds_count{op="read"} 4.0',
+        'cairn_unit_test_op_seconds_sum{op="read"} 3.65',
+        'cairn_unit_test_op_seconds_bucket{le="1.0",op="write"} 0.0',
+        'cairn_unit_test_op_seconds_count{op="write"} 1.0',
+    ):
+        assert line in lines, line
+    with pytest.raises(ValueError):
+        latency.labels("read", "extra")
+    with pytest.raises(ValueError):
+        latency.labels(node="n1")
+
+
 def test_metrics_server_serves_and_stops():
     assert metrics.start_metrics_server("") is None
     metrics.counter("unit_test_scraped", "scraped").inc()

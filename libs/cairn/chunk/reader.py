@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cairn.chunk import layout
-from cairn.errors import InvalidArgument
+from cairn.errors import InvalidArgument, TemporaryError
 from cairn.retry import retry
 from cairn.storage.compress import Codec, CorruptData, get_codec
 from cairn.storage.keys import block_key
@@ -52,11 +52,16 @@ MAX_STREAMS = 10_000
 
 def _is_local(store: Any) -> bool:
     """Is the store (under any wrappers: caches, counters) a file:// store?"""
+    return _file_store(store) is not None
+
+
+def _file_store(store: Any) -> Any:
+    """The file:// store under any wrappers (caches, counters), or None."""
     while store is not None:
         if getattr(store, "scheme", "") == "file":
-            return True
+            return store
         store = getattr(store, "store", None)
-    return False
+    return None
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -243,10 +248,13 @@ class ChunkReader:
 
     async def _ranged(self, piece: _Piece) -> bytes:
         async with self._slots:
-            data = await retry(
-                lambda: self.store.get(piece.key, piece.start, piece.length),
-                deadline=self.deadline,
-            )
+            try:  # most reads succeed at once: retry() only after a failure
+                data = await self.store.get(piece.key, piece.start, piece.length)
+            except TemporaryError:
+                data = await retry(
+                    lambda: self.store.get(piece.key, piece.start, piece.length),
+                    deadline=self.deadline,
+                )
         if len(data) != piece.length:
             raise CorruptData(
                 f"block {piece.key} is short: wanted {piece.length} bytes at {piece.start}, "
@@ -345,6 +353,11 @@ class ChunkReader:
             for p in pieces:
                 if p.key not in self._blocks:
                     wanted.setdefault(p.key, p.block_len)
+            hint = getattr(_file_store(self.store), "will_need", None)
+            if hint is not None and self.codec.name == "none":
+                for key in wanted:
+                    if key not in self._inflight:
+                        hint(key)  # local disk: all of them read at once, in the kernel
             await asyncio.gather(*(self._whole_block(k, n) for k, n in wanted.items()))
         except asyncio.CancelledError:
             raise

@@ -455,6 +455,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
         raise
     log.info("volume %r mounted at %s (pid %d)", volume, mountpoint, os.getpid())
     _tune_gc()
+    _tune_malloc()
     pidfile = _write_pid(mountpoint)
     loop = asyncio.get_running_loop()
     stopper = _Stopper(vfs, mountpoint)
@@ -509,6 +510,28 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
+
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def _tune_malloc() -> None:
+    """Blocks (4 MiB) are read into fresh buffers all the time. glibc gives allocations that
+    large their own mapping and unmaps it on free, so every block paid for page faults,
+    zeroed pages and a TLB flush, about a third of a sequential read's CPU. Keeping them in
+    the heap (kept up to 512 MiB of free space before it is trimmed) lets the next block
+    reuse the last one's memory. Skipped where the C library has no mallopt."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    for param, value in ((M_MMAP_THRESHOLD, 64 << 20), (M_TRIM_THRESHOLD, 512 << 20),
+                         (M_TOP_PAD, 64 << 20)):  # fmt: skip
+        if mallopt(param, value) != 1:
+            log.debug("mallopt(%d, %d) refused", param, value)
 
 
 def _log_stats(vfs: Any) -> None:

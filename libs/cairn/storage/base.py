@@ -19,6 +19,7 @@ TemporaryError/UnavailableError (retry later), ResourceExhausted, InvalidArgumen
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NamedTuple
@@ -40,8 +41,15 @@ class ObjectInfo(NamedTuple):
     mtime: float  # seconds since the epoch
 
 
+# Keys made of these characters, with no empty, '.', '..' or reserved segment, are fine:
+# block keys always are, so most keys take this one check.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*")
+
+
 def validate_key(key: str) -> str:
     """The key itself if every backend can store it; InvalidArgument otherwise."""
+    if type(key) is str and _PLAIN_KEY.fullmatch(key) and RESERVED_PREFIX not in key:
+        return key
     if not isinstance(key, str) or not key:
         raise InvalidArgument(f"object key must be a non-empty string, not {key!r}")
     for part in key.split("/"):

@@ -55,7 +55,17 @@ class BlockKey:
 
 def block_key(volume: str, slice_id: int, index: int, size: int) -> str:
     """The object key of block `index` (of `size` bytes) of slice `slice_id`."""
-    return BlockKey(volume, slice_id, index, size).key
+    # Every read names its blocks: plain ints and a volume seen before skip the checks.
+    if (type(slice_id) is int and type(index) is int and type(size) is int
+            and slice_id >= 0 and index >= 0 and size >= 0 and volume in _VOLUMES):  # fmt: skip
+        return f"{volume}/{CHUNKS}/{slice_id // 1_000_000}/{slice_id // 1_000}/{slice_id}_{index}_{size}"  # fmt: skip
+    key = BlockKey(volume, slice_id, index, size).key
+    if len(_VOLUMES) < 1024:
+        _VOLUMES.add(volume)
+    return key
+
+
+_VOLUMES: set[str] = set()  # volume names that passed _check_volume
 
 
 def chunks_prefix(volume: str) -> str:

@@ -149,7 +149,11 @@ class Histogram:
         self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
         self.children: dict[tuple[str, ...], HistogramChild] = {}
 
-    def labels(self, *values: str) -> HistogramChild:
+    def labels(self, *values: str, **named: str) -> HistogramChild:
+        if named:
+            if values or set(named) != set(self.label_names):
+                raise ValueError(f"{self.name} takes labels {list(self.label_names)}")
+            values = tuple(named[n] for n in self.label_names)
         key = tuple(str(v) for v in values)
         if len(key) != len(self.label_names):
             raise ValueError(f"{self.name} takes labels {list(self.label_names)}")
