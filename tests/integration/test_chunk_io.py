@@ -92,6 +92,12 @@ class CountingStore:
         self.gets.append((key, offset, length))
         return await self.inner.get(key, offset, length)
 
+    def read_now(self, key, offset, length):
+        data = self.inner.read_now(key, offset, length)
+        if data is not None:
+            self.gets.append((key, offset, length))
+        return data
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 

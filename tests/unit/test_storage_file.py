@@ -315,6 +315,18 @@ async def test_io_runs_in_a_bounded_pool(tmp_path, monkeypatch):
     await store.close()
 
 
+async def test_read_now_answers_small_reads_of_local_objects_at_once(file_store):
+    await file_store.put("a/k", b"0123456789" * 10_000)
+    assert file_store.read_now("a/k", 5, 10) == b"5678901234"
+    assert file_store.read_now("a/k", 99_995, 10) == b"56789"  # cut at the end
+    assert file_store.read_now("a/k", 0, file_store.inline_read + 1) is None  # get() it
+    assert file_store.read_now("a/k", 0, 0) is None
+    with pytest.raises(NotFound):
+        file_store.read_now("a/missing", 0, 10)
+    with pytest.raises(InvalidArgument):
+        file_store.read_now("../k", 0, 10)
+
+
 async def test_will_need_is_a_hint_that_leaves_nothing_open(file_store):
     await file_store.put("a/k", b"x" * 100_000)
     before = len(os.listdir("/proc/self/fd"))

@@ -181,6 +181,17 @@ class CountingStore(ObjectStore):
         self._count(op, started, nbytes, False)
         return result
 
+    def read_now(self, key: str, offset: int, length: int) -> bytes | None:
+        started = time.perf_counter()
+        try:
+            data = self.store.read_now(key, offset, length)
+        except BaseException:
+            self._count("get", started, 0, True)
+            raise
+        if data is not None:
+            self._count("get", started, len(data), False)
+        return data
+
     async def _put(self, key: str, data: bytes) -> None:
         await self._measured("put", self.store.put(key, data), len(data))
 

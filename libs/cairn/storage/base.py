@@ -154,6 +154,12 @@ class ObjectStore(ABC):
             return b""
         return await self._get(key, offset, length)
 
+    def read_now(self, key: str, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset + length) of the object if this store can answer without
+        waiting for anything but a local disk (a small read of a file:// object), else None:
+        call get(). Errors are get()'s. Wrappers (caches, counters) pass it through."""
+        return None
+
     async def delete(self, key: str) -> None:
         """Removes the object; succeeds when it does not exist."""
         await self._delete(validate_key(key))

@@ -525,6 +525,11 @@ class CachedStore(ObjectStore):
             return data
         return await self.store.get(key, offset, length)
 
+    def read_now(self, key: str, offset: int, length: int) -> bytes | None:
+        # Only a store on local disk answers at once; objects never change, so its answer
+        # is the cache's.
+        return self.store.read_now(key, offset, length)
+
     async def _load(self, key: str) -> bytes:
         # The download is a task of its own, shielded from its callers: one caller being
         # cancelled must not fail the others waiting for the same block.

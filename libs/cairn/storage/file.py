@@ -45,6 +45,7 @@ from cairn.storage.base import (
     as_bool,
     as_number,
     url_options,
+    validate_key,
 )
 
 T = TypeVar("T")
@@ -88,6 +89,15 @@ class FileStore(ObjectStore):
             except OSError as error:
                 raise self._os_error(error, "read") from error
         return await self._run(self._get_sync, key, offset, length, action="read")
+
+    def read_now(self, key: str, offset: int, length: int) -> bytes | None:
+        if not 0 < length <= self.inline_read or offset < 0:
+            return None
+        validate_key(key)
+        try:
+            return self._pread(key, offset, length)
+        except OSError as error:
+            raise self._os_error(error, "read") from error
 
     def _pread(self, key: str, offset: int, length: int) -> bytes:
         fd = self._fds.get(key)
