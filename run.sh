@@ -13,11 +13,12 @@ ROOT=$(pwd)
 VENV="$ROOT/.venv"
 APT_PACKAGES="nats-server redis-server fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc git patch procps rsync sqlite3"
 # pyfuse3 is built from its source release with third_party/pyfuse3/locks.patch (file locks
-# that hold across mounts) and loop.patch (a cheaper session loop); the build has
-# pyfuse3.CAIRN_LOCKS == 1 and pyfuse3.CAIRN_LOOP == PYFUSE3_LOOP_LEVEL.
+# that hold across mounts), loop.patch (a cheaper session loop) and extents.patch (reads of
+# registered extents answered in C); the build has pyfuse3.CAIRN_LOCKS, CAIRN_LOOP and
+# CAIRN_EXTENTS at the levels below.
 PYFUSE3_VERSION=3.5.0
-PYFUSE3_PATCHES="locks loop"
-PYFUSE3_LOOP_LEVEL=1
+PYFUSE3_PATCHES="locks loop extents"
+PYFUSE3_MARKERS="CAIRN_LOCKS=1 CAIRN_LOOP=1 CAIRN_EXTENTS=1"
 
 say() { printf '[cairn-setup] %s\n' "$*" >&2; }
 
@@ -57,7 +58,7 @@ install_venv() {
 }
 
 install_pyfuse3() {
-  local check="import sys, pyfuse3; sys.exit(getattr(pyfuse3, 'CAIRN_LOCKS', 0) != 1 or getattr(pyfuse3, 'CAIRN_LOOP', 0) != $PYFUSE3_LOOP_LEVEL)"
+  local check="import sys, pyfuse3; sys.exit(any(getattr(pyfuse3, k, 0) != int(v) for k, v in (m.split('=') for m in '$PYFUSE3_MARKERS'.split())))"
   "$VENV/bin/python" -c "$check" 2>/dev/null && return 0
   say "building pyfuse3 $PYFUSE3_VERSION with third_party/pyfuse3/{${PYFUSE3_PATCHES// /,}}.patch"
   local started=$SECONDS work
@@ -79,7 +80,7 @@ install_pyfuse3() {
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation "$src"
   )
   if ! "$VENV/bin/python" -c "$check"; then
-    say "the pyfuse3 just built lacks CAIRN_LOCKS = 1 or CAIRN_LOOP = $PYFUSE3_LOOP_LEVEL"; exit 1
+    say "the pyfuse3 just built lacks one of $PYFUSE3_MARKERS"; exit 1
   fi
   say "pyfuse3 built and installed in $((SECONDS - started)) s"
 }

@@ -38,6 +38,7 @@ from cairn.chunk import layout
 from cairn.errors import InvalidArgument, TemporaryError
 from cairn.retry import retry
 from cairn.storage.compress import Codec, CorruptData, get_codec
+from cairn.storage.file import FileStore
 from cairn.storage.keys import block_key
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,15 @@ MAX_STREAMS = 10_000
 def _is_local(store: Any) -> bool:
     """Is the store (under any wrappers: caches, counters) a file:// store?"""
     return _file_store(store) is not None
+
+
+def local_file_store(store: Any) -> FileStore | None:
+    """The FileStore under any wrappers (caches, counters), or None."""
+    while store is not None:
+        if isinstance(store, FileStore):
+            return store
+        store = getattr(store, "store", None)
+    return None
 
 
 def _file_store(store: Any) -> Any:

@@ -301,11 +301,22 @@ class Instruments:
     mountpoint: str = ""
     metrics_addr: str = ""
     started: float = field(default_factory=time.time)
+    local_reads: Any = None  # cairn.fuse.extents.LocalReads of the Operations, if any
 
     def snapshot(self) -> dict[str, Any]:
         vfs = self.vfs
         snap = vfs.stats_snapshot()
         stats = vfs.meta.stats
+        fuse, store = self.fuse.snapshot(), self.store.snapshot()
+        # Reads answered in C from registered extents are FUSE reads and reads of the
+        # store like any other (their latency is not measured).
+        local = self.local_reads
+        c_reads, c_bytes = local.counts() if local is not None else (0, 0)
+        if c_reads:
+            for table in (fuse, store):
+                row = table.setdefault("read" if table is fuse else "get", Meter().as_dict())
+                row["count"] += c_reads
+                row["bytes"] += c_bytes
         return {
             "time": time.time(),
             "uptime": time.time() - self.started,
@@ -313,8 +324,10 @@ class Instruments:
             "mountpoint": self.mountpoint,
             "volume": vfs.meta.fmt.name,
             "metrics_addr": self.metrics_addr,
-            "fuse": self.fuse.snapshot(),
-            "object_store": self.store.snapshot(),
+            "fuse": fuse,
+            "object_store": store,
+            "reads_in_c": {"count": c_reads, "bytes": c_bytes,
+                           "files_held": local.files_held if local is not None else 0},  # fmt: skip
             "block_cache": snap.get("block_cache"),
             "reader_memory": {
                 "bytes": getattr(vfs.reader, "_memory", 0),
@@ -328,7 +341,7 @@ class Instruments:
                 "txn_restarts": stats.txn_restarts,
                 "outage_retries": stats.outage_retries,
             },
-            "bytes_read": snap["bytes_read"],
+            "bytes_read": snap["bytes_read"] + c_bytes,
             "bytes_written": snap["bytes_written"],
             "flushes_for_read": snap["flushes_for_read"],
             "buffered_bytes": vfs.writer.buffered,
@@ -688,6 +701,7 @@ def instrument(vfs: Any, ops: Any = None, mountpoint: str = "") -> Instruments:
     instruments = Instruments(vfs, meter, _counting(vfs), mountpoint)
     if ops is not None:
         ops.observe = meter.observe
+        instruments.local_reads = getattr(ops, "local_reads", None)
     return instruments
 
 

@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -456,6 +457,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] | None = None)
     log.info("volume %r mounted at %s (pid %d)", volume, mountpoint, os.getpid())
     _tune_gc()
     _tune_malloc()
+    _raise_open_files()
     pidfile = _write_pid(mountpoint)
     loop = asyncio.get_running_loop()
     stopper = _Stopper(vfs, mountpoint)
@@ -510,6 +512,19 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
+
+
+def _raise_open_files(wanted: int = 65536) -> None:
+    """A mount keeps object files open (kept descriptors for small reads, block files of
+    extents read in C): the soft limit on open files goes up to `wanted`, within the hard
+    one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as error:
+            log.debug("cannot raise the open files limit to %d: %s", target, error)
 
 
 # glibc mallopt parameters (malloc.h)

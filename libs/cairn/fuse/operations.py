@@ -48,6 +48,8 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from cairn.errors import CairnError, FSError, TemporaryError
+from cairn.fuse import extents
+from cairn.fuse.extents import LocalReads
 from cairn.fuse.invalidate import KernelInvalidator
 from cairn.meta.types import F_RDLCK, F_UNLCK, F_WRLCK, Attr, Ctx
 from cairn.vfs import to_errno
@@ -158,6 +160,8 @@ class Operations(pyfuse3.Operations):
         # What other mounts changed, the kernel forgets (vfs.on_invalidate; close() stops it).
         self.invalidator = KernelInvalidator()
         vfs.on_invalidate = self._invalidate
+        # Small reads of a file:// store answered in C once learned (fuse/extents.py).
+        self.local_reads = LocalReads(vfs) if extents.available() else None
 
     def _invalidate(self, inodes: dict[int, bool], entries: list[tuple[int, bytes]]) -> None:
         for ino in inodes:
@@ -168,6 +172,8 @@ class Operations(pyfuse3.Operations):
         """Stops telling the kernel anything (before the FUSE session ends)."""
         self.vfs.on_invalidate = None
         self.invalidator.close()
+        if self.local_reads is not None:
+            self.local_reads.close()
 
     # -- credentials and attributes -------------------------------------------------------
 
@@ -363,7 +369,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        return await self.vfs.read(fh, off, size, view=True)  # pyfuse3 takes any buffer
+        data = await self.vfs.read(fh, off, size, view=True)  # pyfuse3 takes any buffer
+        if self.local_reads is not None:
+            try:
+                self.local_reads.learn(fh, off, size)
+            except Exception:  # only ever a missed shortcut: the read itself succeeded
+                log.exception("registering local extents of handle %d failed", fh)
+        return data
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -379,6 +391,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: int, flock_owner: int | None = None) -> None:
+        if self.local_reads is not None:
+            self.local_reads.forget(fh)
         await self.vfs.release(fh)  # drops the handle's locks, flock_owner's among them
 
     # -- directories --------------------------------------------------------------------------

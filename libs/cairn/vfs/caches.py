@@ -62,6 +62,13 @@ class TTLCache(Generic[K, V]):
     def pop(self, key: K) -> None:
         self._items.pop(key, None)
 
+    def peek(self, key: K) -> tuple[V, float] | None:
+        """(value, when it expires on the cache's clock) if fresh; the LRU order stays."""
+        item = self._items.get(key)
+        if item is None or item[1] <= self.clock():
+            return None
+        return item
+
     def clear(self) -> None:
         self._items.clear()
 
@@ -156,6 +163,8 @@ class ChunkCache:
         self._epoch = 0
         self.hits = 0
         self.misses = 0
+        # Told the inode (None: every inode) whenever cached slices are dropped.
+        self.on_drop: Callable[[int | None], None] | None = None
 
     @property
     def fmt(self) -> Any:
@@ -184,9 +193,21 @@ class ChunkCache:
             self._by_inode.setdefault(inode, set()).add(index)
         return views
 
+    def peek(self, inode: int, index: int) -> tuple[list[Any], float] | None:
+        """(slices, when they expire) of a chunk, if cached and long enough for the length
+        expected; no Redis, no counting."""
+        item = self._cache.peek((inode, index))
+        if item is None:
+            return None
+        (views, covered), expires = item
+        wanted = max(0, min(CHUNK_SIZE, self._expected.get(inode, 0) - index * CHUNK_SIZE))
+        return (views, expires) if covered >= wanted else None
+
     def invalidate(self, inode: int, index: int | None = None) -> None:
         """Forget one chunk of inode, or all of them."""
         self._epoch += 1
+        if self.on_drop is not None:
+            self.on_drop(inode)
         indexes = self._by_inode.get(inode)
         if not indexes:
             return
@@ -200,6 +221,8 @@ class ChunkCache:
 
     def clear(self) -> None:
         self._epoch += 1
+        if self.on_drop is not None:
+            self.on_drop(None)
         self._cache.clear()
         self._by_inode.clear()
         self._expected.clear()

@@ -40,7 +40,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cairn.chunk.reader import ChunkReader
+from cairn.chunk import layout
+from cairn.chunk.reader import ChunkReader, local_file_store
 from cairn.chunk.writer import IDLE_FLUSH, ChunkWriter
 from cairn.errors import (
     ConfigError,
@@ -79,6 +80,18 @@ DEFAULT_BUFFER_SIZE = 300 * MiB
 DEFAULT_HEARTBEAT = 12.0
 READDIR_PAGE = 1000
 MAX_LOCK_END = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class LocalExtents:
+    """What VFS.local_extents answers: bytes [start, end) of the file are bytes from `offset`
+    of the local file `path`, for chunk `index`; holes are not listed."""
+
+    inode: int
+    index: int
+    size: int  # the file's length they were made for
+    expires: float  # time.monotonic() after which they may be stale
+    extents: list[tuple[int, int, str, int]]  # (start, end, path, offset)
 
 
 @dataclass
@@ -171,6 +184,10 @@ class VFS:
         # Set by the FUSE layer: on_invalidate({inode: data_changed}, [(parent, name)]) in
         # the kernel's numbers, for what other mounts changed.
         self.on_invalidate: Callable[[dict[int, bool], list[tuple[int, bytes]]], Any] | None = None
+        # Set by the FUSE layer: on_data_changed(inode, or None for every inode) whenever
+        # what local_extents() answered for a file may no longer hold.
+        self.on_data_changed: Callable[[int | None], None] | None = None
+        self._chunks.on_drop = self._data_changed
         # inode -> (end, mtime_ns) of writes that may not be committed yet
         self._dirty: dict[int, tuple[int, int]] = {}
         self.writer = ChunkWriter(
@@ -785,11 +802,53 @@ class VFS:
         if offset + n > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG, "file too large")
         await self._kill_priv(h)
+        self._data_changed(ino)
         await h.writer.write(offset, data)
         end, _ = self._dirty.get(ino, (0, 0))
         self._dirty[ino] = (max(end, offset + n), time.time_ns())
         self.stats.bytes_written += n
         return n
+
+    def _data_changed(self, ino: int | None) -> None:
+        if self.on_data_changed is not None:
+            self.on_data_changed(ino)
+
+    def local_extents(self, fh: int, offset: int) -> LocalExtents | None:
+        """Where the bytes of the chunk around `offset` of fh's file lie on local disk, for
+        a FUSE layer that answers reads of them itself: only for a file:// store with
+        uncompressed blocks, a handle open for reading, nothing buffered for the file, and
+        its attributes and slices in the caches (no Redis here). None otherwise: reads keep
+        coming to read(). What it answers holds until on_data_changed(inode) or `expires`
+        (time.monotonic()): the caches it came from end then."""
+        store = local_file_store(self.store)
+        if store is None or self.reader.codec.name != "none":
+            return None
+        h = self.handles.files.get(fh)
+        if h is None or not h.readable:
+            return None
+        ino = h.inode
+        if ino in self._dirty or self._writer_busy(ino):
+            return None
+        cached_attr = self._attrs.peek(ino)
+        if cached_attr is None or not cached_attr[0].is_file():
+            return None
+        attr, attr_expires = cached_attr
+        if offset >= attr.size:
+            return None
+        chunk_size = self.reader.chunk_size
+        index = offset // chunk_size
+        self._chunks.expect(ino, attr.size)
+        cached_chunk = self._chunks.peek(ino, index)
+        if cached_chunk is None:
+            return None
+        segments, chunk_expires = cached_chunk
+        base = index * chunk_size
+        span = layout.ChunkSpan(index, 0, min(chunk_size, attr.size - base), 0)
+        extents = [
+            (base + p.dest, base + p.dest + p.length, str(store._path(p.key)), p.start)
+            for p in self.reader._chunk_pieces(span, segments)
+        ]
+        return LocalExtents(ino, index, attr.size, min(attr_expires, chunk_expires), extents)
 
     async def _kill_priv(self, h: FileHandle) -> None:
         """A write by anyone but root clears set-user-ID (and set-group-ID with group
