@@ -18,7 +18,7 @@ APT_PACKAGES="nats-server redis-server fuse3 libfuse3-dev pkg-config python3-ven
 # CAIRN_EXTENTS at the levels below.
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_PATCHES="locks loop extents"
-PYFUSE3_MARKERS="CAIRN_LOCKS=1 CAIRN_LOOP=1 CAIRN_EXTENTS=1"
+PYFUSE3_MARKERS="CAIRN_LOCKS=1 CAIRN_LOOP=2 CAIRN_EXTENTS=1"
 
 say() { printf '[cairn-setup] %s\n' "$*" >&2; }
 

@@ -15,6 +15,14 @@ from cairn.fuse import extents
 pytestmark = pytest.mark.skipif(not extents.available(), reason="pyfuse3 without extents.patch")
 
 MiB = 1 << 20
+# As `cairn mount` runs on a file:// volume by default: no disk cache tier (the test
+# helpers name a --cache-dir, which keeps reads going through the cache).
+NO_DISK_CACHE = ("--cache-size", "0")
+
+
+@pytest.fixture
+def mount(volume, mounts):
+    return mounts(volume, *NO_DISK_CACHE)
 
 
 def stats(mount) -> dict:
@@ -100,7 +108,7 @@ def test_writes_here_are_read_back_not_the_old_extents(mount):
 
 
 def test_another_mounts_changes_are_read_after_reopening(volume, mounts):
-    a, b = mounts(volume), mounts(volume)
+    a, b = mounts(volume, *NO_DISK_CACHE), mounts(volume, *NO_DISK_CACHE)
     old = random.randbytes(5 * MiB)
     (a.path / "f").write_bytes(old)
     offsets = list(range(0, 5 * MiB - 4096, 128 * 1024))
@@ -110,6 +118,15 @@ def test_another_mounts_changes_are_read_after_reopening(volume, mounts):
     (a.path / "f").write_bytes(new)  # closed: close-to-open says b's next open sees it
     drop_pages(b.path / "f")
     assert pread_all(b.path / "f", offsets) == [new[o : o + 4096] for o in offsets]
+
+
+def test_a_disk_cache_asked_for_keeps_reads_going_through_it(volume, mounts):
+    m = mounts(volume)  # with --cache-dir
+    data = random.randbytes(5 * MiB)
+    (m.path / "f").write_bytes(data)
+    offsets = list(range(0, 5 * MiB - 4096, 256 * 1024))
+    assert pread_all(m.path / "f", offsets) == [data[o : o + 4096] for o in offsets]
+    assert reads_in_c(m) == 0
 
 
 def test_holes_read_as_zeros_and_descriptors_are_let_go(mount):

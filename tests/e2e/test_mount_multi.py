@@ -15,6 +15,13 @@ import pytest
 from _mount_helpers import wait_for
 
 
+@pytest.fixture
+def mounts(mounts):
+    """The conftest's mounts without a disk cache, as `cairn mount` runs on a file:// volume:
+    small reads are then answered in C from registered extents (cairn.fuse.extents)."""
+    return lambda volume, *extra, **kw: mounts(volume, "--cache-size", "0", *extra, **kw)
+
+
 def read_when(path, expected: bytes, timeout: float = 5) -> None:
     """Wait until path (opened afresh each time) reads as expected."""
 

@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 LIBS = ROOT / "libs"
 
 
+@pytest.fixture
+def mounts(mounts):
+    """The conftest's mounts without a disk cache, as `cairn mount` runs on a file:// volume:
+    small reads are then answered in C from registered extents (cairn.fuse.extents)."""
+    return lambda volume, *extra, **kw: mounts(volume, "--cache-size", "0", *extra, **kw)
+
+
 def run(*argv: str, cwd: Path | None = None, timeout: float = 120) -> str:
     env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(cwd or "/tmp"),
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",

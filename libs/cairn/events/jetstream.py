@@ -461,7 +461,10 @@ class _Puller:
         else:
             request["no_wait"] = True
         msgs: list[Msg] = []
-        limit = wait + self._bus.timeout
+        # A waiting pull ends with a 408 from the server when it expires; should that not
+        # come, a second after the expiry is long enough to give up on it (what comes later
+        # is queued for the next pull). A no-wait pull is answered at once, or NATS is down.
+        limit = wait + min(1.0, self._bus.timeout) if wait > 0 else self._bus.timeout
         try:
             await self._bus._nc.publish(
                 self._subject, json.dumps(request).encode(), reply=self._inbox

@@ -28,9 +28,11 @@ from typing import Any
 
 import pyfuse3
 
+from cairn.storage.file import open_for_reads
+
 log = logging.getLogger(__name__)
 
-MAX_READ = 128 * 1024  # larger reads (sequential, read ahead by the kernel) stay in Python
+MAX_READ = 1 << 20  # larger reads stay in Python (the kernel asks for at most 1 MiB)
 FD_BUDGET = 1024  # block files held open for all registered extents together (at most)
 
 
@@ -156,7 +158,7 @@ class LocalReads:
             return False  # enough held open: these reads stay in Python
         try:
             for path in paths:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_for_reads(path)
                 table.fds[path] = fd
                 self._open_fds += 1
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # small reads: no read-ahead

@@ -49,6 +49,21 @@ from cairn.storage.base import (
 )
 
 T = TypeVar("T")
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def open_for_reads(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor that does not update the file's access time (objects are
+    read often and their atime says nothing), where the process may ask for that (it
+    owns the file or is root); a plain one otherwise."""
+    global _NOATIME
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    if _NOATIME:
+        try:
+            return os.open(path, flags | _NOATIME)
+        except PermissionError:  # not the owner: remember, and open without it
+            _NOATIME = 0
+    return os.open(path, flags)
 TEMP_PREFIX = RESERVED_PREFIX + "tmp-"
 _OPTIONS = {"max_workers", "fsync", "inline_read"}
 OPEN_OBJECTS = 256  # descriptors kept for inline reads
@@ -103,7 +118,7 @@ class FileStore(ObjectStore):
         fd = self._fds.get(key)
         if fd is None:
             try:
-                fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_for_reads(self._path(key))
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 raise NotFound(f"no object {key} in {self.url}") from None
             # These descriptors serve small random reads: no read-ahead around them.
@@ -196,7 +211,7 @@ class FileStore(ObjectStore):
 
     def _get_sync(self, key: str, offset: int, length: int) -> bytes:
         try:
-            with open(self._path(key), "rb") as f:
+            with open(open_for_reads(self._path(key)), "rb") as f:
                 f.seek(offset)
                 return f.read(length)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
