@@ -370,7 +370,7 @@ async def test_sequential_reads_prefetch_whole_blocks(meta, store):
     await writer.write(inode, 0, data)
     await writer.flush(inode)
     counting = CountingStore(store)
-    reader = ChunkReader(meta, counting, readahead_max=4 * BLOCK)
+    reader = ChunkReader(meta, counting, readahead_max=4 * BLOCK, local=False)  # remote
     piece = 16 * KiB
     for offset in range(0, len(data), piece):
         assert (
@@ -383,6 +383,27 @@ async def test_sequential_reads_prefetch_whole_blocks(meta, store):
     assert len(whole) >= 6  # blocks came whole, ahead of the reads
     assert len(ranged) < 8  # only the reads before the stream was seen as sequential
     assert len(counting.gets) < len(data) // piece
+    await reader.close()
+
+
+async def test_sequential_reads_of_a_local_store_only_announce_the_blocks(meta, store):
+    inode = await new_file(meta)
+    data = os.urandom(8 * BLOCK)
+    writer = ChunkWriter(meta, store)
+    await writer.write(inode, 0, data)
+    await writer.flush(inode)
+    counting = CountingStore(store)
+    announced = []
+    counting.will_need = announced.append  # what the reader tells the file store
+    reader = ChunkReader(meta, counting, readahead_max=4 * BLOCK)
+    assert reader.local
+    piece = 16 * KiB
+    for offset in range(0, len(data), piece):
+        got = await reader.read(inode, offset, piece, len(data), handle=1)
+        assert got == data[offset : offset + piece]
+        await asyncio.sleep(0)
+    assert not [g for g in counting.gets if g[2] == -1]  # no whole block copied in memory
+    assert len(set(announced)) >= 6  # the blocks ahead were announced to the kernel
     await reader.close()
 
 

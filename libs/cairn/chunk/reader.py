@@ -370,10 +370,14 @@ class ChunkReader:
                 if p.key not in self._blocks:
                     wanted.setdefault(p.key, p.block_len)
             hint = getattr(_file_store(self.store), "will_need", None)
-            if hint is not None and self.codec.name == "none":
+            if self.local and hint is not None and self.codec.name == "none":
+                # A local disk: the kernel reads them all at once into its page cache,
+                # whence the reads take them; copying them into memory here as well only
+                # costs CPU (and races a FUSE layer answering reads itself).
                 for key in wanted:
                     if key not in self._inflight:
-                        hint(key)  # local disk: all of them read at once, in the kernel
+                        hint(key)
+                return
             await asyncio.gather(*(self._whole_block(k, n) for k, n in wanted.items()))
         except asyncio.CancelledError:
             raise
