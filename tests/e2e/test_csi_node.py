@@ -622,6 +622,8 @@ async def test_dead_mount_is_repaired_and_a_restart_keeps_serving(csi, cluster, 
     wait_until(lambda: not alive(old), 5, "the mount process's death")
     started = time.monotonic()
     wait_until(lambda: readable(f"{rw.target_path}/before.txt"), 10, "the writer's target")
+    # The targets are bound again one after the other: the reader's may come a moment later.
+    wait_until(lambda: readable(f"{ro.target_path}/before.txt"), 10, "the reader's target")
     assert time.monotonic() - started < 10
     assert await asyncio.to_thread(read_file, f"{ro.target_path}/before.txt") == b"kept"
     await asyncio.to_thread(write_file, f"{rw.target_path}/after.txt", b"again")
