@@ -38,14 +38,17 @@ def volume(fuse_ready, redis_url: str, tmp_path: Path) -> Volume:
 
 
 @pytest.fixture
-def mounts(fuse_ready, tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+def mounts(fuse_ready, tmp_path: Path, request) -> Iterator[Callable[..., Mount]]:
     """mounts(volume, *extra cairn-mount flags, name="m") -> Mount; every mount made is
-    taken down at teardown."""
+    taken down at teardown. Mounts get a --cache-dir of the test's own; a test or module
+    marked `no_disk_cache` gets none (--cache-size 0), as `cairn mount` on a file:// volume
+    has none, so its small reads are answered in C (cairn.fuse.extents)."""
     made: list[Mount] = []
+    defaults = ("--cache-size", "0") if request.node.get_closest_marker("no_disk_cache") else ()
 
     def make(volume: Volume, *extra: str, name: str | None = None) -> Mount:
         path = tmp_path / (name or f"mnt{len(made)}")
-        m = start_mount(volume, path, tmp_path, *extra)
+        m = start_mount(volume, path, tmp_path, *defaults, *extra)
         made.append(m)
         return m
 

@@ -12,17 +12,12 @@ from _mount_helpers import cairn, ok, wait_for
 
 from cairn.fuse import extents
 
-pytestmark = pytest.mark.skipif(not extents.available(), reason="pyfuse3 without extents.patch")
+pytestmark = [
+    pytest.mark.skipif(not extents.available(), reason="pyfuse3 without extents.patch"),
+    pytest.mark.no_disk_cache,  # as `cairn mount` runs on a file:// volume
+]
 
 MiB = 1 << 20
-# As `cairn mount` runs on a file:// volume by default: no disk cache tier (the test
-# helpers name a --cache-dir, which keeps reads going through the cache).
-NO_DISK_CACHE = ("--cache-size", "0")
-
-
-@pytest.fixture
-def mount(volume, mounts):
-    return mounts(volume, *NO_DISK_CACHE)
 
 
 def stats(mount) -> dict:
@@ -108,7 +103,7 @@ def test_writes_here_are_read_back_not_the_old_extents(mount):
 
 
 def test_another_mounts_changes_are_read_after_reopening(volume, mounts):
-    a, b = mounts(volume, *NO_DISK_CACHE), mounts(volume, *NO_DISK_CACHE)
+    a, b = mounts(volume), mounts(volume)
     old = random.randbytes(5 * MiB)
     (a.path / "f").write_bytes(old)
     offsets = list(range(0, 5 * MiB - 4096, 128 * 1024))
@@ -121,7 +116,7 @@ def test_another_mounts_changes_are_read_after_reopening(volume, mounts):
 
 
 def test_a_disk_cache_asked_for_keeps_reads_going_through_it(volume, mounts):
-    m = mounts(volume)  # with --cache-dir
+    m = mounts(volume, "--cache-size", "1G")  # the --cache-dir tier asked for
     data = random.randbytes(5 * MiB)
     (m.path / "f").write_bytes(data)
     offsets = list(range(0, 5 * MiB - 4096, 256 * 1024))

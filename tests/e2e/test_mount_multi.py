@@ -14,12 +14,8 @@ import time
 import pytest
 from _mount_helpers import wait_for
 
-
-@pytest.fixture
-def mounts(mounts):
-    """The conftest's mounts without a disk cache, as `cairn mount` runs on a file:// volume:
-    small reads are then answered in C from registered extents (cairn.fuse.extents)."""
-    return lambda volume, *extra, **kw: mounts(volume, "--cache-size", "0", *extra, **kw)
+# As `cairn mount` runs on a file:// volume: no disk cache, small reads answered in C.
+pytestmark = pytest.mark.no_disk_cache
 
 
 def read_when(path, expected: bytes, timeout: float = 5) -> None:

@@ -41,6 +41,24 @@ def write_synced(path, data: bytes) -> None:
         os.close(fd)
 
 
+def write_synced_meanwhile(path, data: bytes) -> tuple[threading.Thread, dict[str, object]]:
+    """write_synced in a thread of its own; the dict gets "ok" (the seconds it took) or
+    "error" (the OSError) when it ends."""
+    done: dict[str, object] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            write_synced(path, data)
+            done["ok"] = time.monotonic() - started
+        except OSError as error:
+            done["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker, done
+
+
 def test_operations_wait_for_redis_to_come_back(fuse_ready, redis, tmp_path):
     server, restart = redis
     volume = format_volume(server.url, tmp_path / "objects")
@@ -48,18 +66,7 @@ def test_operations_wait_for_redis_to_come_back(fuse_ready, redis, tmp_path):
     try:
         write_synced(m.path / "before", b"fsync'd before the outage")
         server.stop()
-        done: dict[str, object] = {}
-
-        def during() -> None:
-            started = time.monotonic()
-            try:
-                write_synced(m.path / "during", b"written while Redis was away")
-                done["ok"] = time.monotonic() - started
-            except OSError as error:
-                done["error"] = error
-
-        worker = threading.Thread(target=during)
-        worker.start()
+        worker, done = write_synced_meanwhile(m.path / "during", b"written while Redis was away")
         time.sleep(2)
         assert worker.is_alive(), f"the create did not wait for Redis: {done}"
         restart()
@@ -128,18 +135,9 @@ def test_writes_wait_for_the_object_store_to_come_back(gated_volume, tmp_path):
     try:
         write_synced(m.path / "before", b"fsync'd before the outage" * 1000)
         gate.down()
-        done: dict[str, object] = {}
-
-        def during() -> None:
-            started = time.monotonic()
-            try:
-                write_synced(m.path / "during", b"written while the store was away" * 1000)
-                done["ok"] = time.monotonic() - started
-            except OSError as error:
-                done["error"] = error
-
-        worker = threading.Thread(target=during)
-        worker.start()
+        worker, done = write_synced_meanwhile(
+            m.path / "during", b"written while the store was away" * 1000
+        )
         time.sleep(3)
         assert worker.is_alive(), f"the fsync did not wait for the store: {done}"
         gate.up()

@@ -18,11 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 LIBS = ROOT / "libs"
 
 
-@pytest.fixture
-def mounts(mounts):
-    """The conftest's mounts without a disk cache, as `cairn mount` runs on a file:// volume:
-    small reads are then answered in C from registered extents (cairn.fuse.extents)."""
-    return lambda volume, *extra, **kw: mounts(volume, "--cache-size", "0", *extra, **kw)
+# As `cairn mount` runs on a file:// volume: no disk cache, small reads answered in C.
+pytestmark = pytest.mark.no_disk_cache
 
 
 def run(*argv: str, cwd: Path | None = None, timeout: float = 120) -> str:

@@ -50,6 +50,25 @@ async def new_file(meta, name=b"f") -> int:
     return inode
 
 
+async def written_file(meta, store, size: int) -> tuple[int, bytes]:
+    """A new file of `size` random bytes, written and committed: (inode, its bytes)."""
+    inode = await new_file(meta)
+    data = os.urandom(size)
+    writer = ChunkWriter(meta, store)
+    await writer.write(inode, 0, data)
+    await writer.flush(inode)
+    return inode, data
+
+
+async def read_sequentially(reader, inode, data, piece=16 * KiB) -> None:
+    """Reads the whole file in order, `piece` at a time, leaving read-ahead room to run
+    between reads as FUSE's gaps do; every piece must be right."""
+    for offset in range(0, len(data), piece):
+        got = await reader.read(inode, offset, piece, len(data), handle=1)
+        assert got == data[offset : offset + piece]
+        await asyncio.sleep(0)
+
+
 async def read_all(meta, reader, inode) -> bytes:
     size = (await meta.getattr(inode)).size
     return await reader.read(inode, 0, size + 10, size)
@@ -76,8 +95,8 @@ def put_model(model: bytearray, offset: int, data: bytes) -> None:
 class CountingStore:
     """Wraps a store and counts calls, optionally failing puts of chosen blocks."""
 
-    def __init__(self, inner, fail_block=None):
-        self.inner = inner
+    def __init__(self, store, fail_block=None):
+        self.store = store  # the store it wraps, as the real wrappers name it
         self.gets: list[tuple[str, int, int]] = []
         self.puts: list[str] = []
         self.fail_block = fail_block
@@ -86,20 +105,20 @@ class CountingStore:
         if self.fail_block is not None and parse_block_key(key).index == self.fail_block:
             raise PermanentError("injected put failure")
         self.puts.append(key)
-        await self.inner.put(key, data)
+        await self.store.put(key, data)
 
     async def get(self, key, offset=0, length=-1):
         self.gets.append((key, offset, length))
-        return await self.inner.get(key, offset, length)
+        return await self.store.get(key, offset, length)
 
     def read_now(self, key, offset, length):
-        data = self.inner.read_now(key, offset, length)
+        data = self.store.read_now(key, offset, length)
         if data is not None:
             self.gets.append((key, offset, length))
         return data
 
     def __getattr__(self, name):
-        return getattr(self.inner, name)
+        return getattr(self.store, name)
 
 
 @pytest.mark.parametrize("compress", ["none", "zstd", "lz4"])
@@ -327,11 +346,7 @@ async def test_failed_upload_fails_flush_commits_nothing_and_leaves_no_objects(m
 
 
 async def test_reads_go_through_a_block_cache_in_whole_blocks(meta, store, tmp_path):
-    inode = await new_file(meta)
-    data = os.urandom(3 * BLOCK)
-    writer = ChunkWriter(meta, store)
-    await writer.write(inode, 0, data)
-    await writer.flush(inode)
+    inode, data = await written_file(meta, store, 3 * BLOCK)
 
     counting = CountingStore(store)
     cached = CachedStore(counting, BlockCache(memory_bytes=1 << 20, disk_dir=tmp_path / "cache"))
@@ -352,11 +367,7 @@ async def test_reads_go_through_a_block_cache_in_whole_blocks(meta, store, tmp_p
 
 
 async def test_random_reads_use_ranged_gets_without_a_cache(meta, store):
-    inode = await new_file(meta)
-    data = os.urandom(2 * BLOCK)
-    writer = ChunkWriter(meta, store)
-    await writer.write(inode, 0, data)
-    await writer.flush(inode)
+    inode, data = await written_file(meta, store, 2 * BLOCK)
     counting = CountingStore(store)
     reader = ChunkReader(meta, counting)
     assert await reader.read(inode, BLOCK - 5, 10, len(data)) == data[BLOCK - 5 : BLOCK + 5]
@@ -364,55 +375,33 @@ async def test_random_reads_use_ranged_gets_without_a_cache(meta, store):
 
 
 async def test_sequential_reads_prefetch_whole_blocks(meta, store):
-    inode = await new_file(meta)
-    data = os.urandom(8 * BLOCK)
-    writer = ChunkWriter(meta, store)
-    await writer.write(inode, 0, data)
-    await writer.flush(inode)
+    inode, data = await written_file(meta, store, 8 * BLOCK)
     counting = CountingStore(store)
     reader = ChunkReader(meta, counting, readahead_max=4 * BLOCK, local=False)  # remote
-    piece = 16 * KiB
-    for offset in range(0, len(data), piece):
-        assert (
-            await reader.read(inode, offset, piece, len(data), handle=1)
-            == data[offset : offset + piece]
-        )
-        await asyncio.sleep(0)  # let read-ahead run, as FUSE's gaps between reads do
+    await read_sequentially(reader, inode, data)
     whole = [g for g in counting.gets if g[2] == -1]
     ranged = [g for g in counting.gets if g[2] != -1]
     assert len(whole) >= 6  # blocks came whole, ahead of the reads
     assert len(ranged) < 8  # only the reads before the stream was seen as sequential
-    assert len(counting.gets) < len(data) // piece
+    assert len(counting.gets) < len(data) // (16 * KiB)
     await reader.close()
 
 
 async def test_sequential_reads_of_a_local_store_only_announce_the_blocks(meta, store):
-    inode = await new_file(meta)
-    data = os.urandom(8 * BLOCK)
-    writer = ChunkWriter(meta, store)
-    await writer.write(inode, 0, data)
-    await writer.flush(inode)
+    inode, data = await written_file(meta, store, 8 * BLOCK)
     counting = CountingStore(store)
     announced = []
-    counting.will_need = announced.append  # what the reader tells the file store
+    store.will_need = announced.append  # what the reader tells the file store
     reader = ChunkReader(meta, counting, readahead_max=4 * BLOCK)
     assert reader.local
-    piece = 16 * KiB
-    for offset in range(0, len(data), piece):
-        got = await reader.read(inode, offset, piece, len(data), handle=1)
-        assert got == data[offset : offset + piece]
-        await asyncio.sleep(0)
+    await read_sequentially(reader, inode, data)
     assert not [g for g in counting.gets if g[2] == -1]  # no whole block copied in memory
     assert len(set(announced)) >= 6  # the blocks ahead were announced to the kernel
     await reader.close()
 
 
 async def test_a_small_random_miss_does_not_wait_for_the_whole_block(meta, store, tmp_path):
-    inode = await new_file(meta)
-    data = os.urandom(4 * BLOCK)
-    writer = ChunkWriter(meta, store)
-    await writer.write(inode, 0, data)
-    await writer.flush(inode)
+    inode, data = await written_file(meta, store, 4 * BLOCK)
     release = asyncio.Event()
 
     class SlowWholeGets(CountingStore):
@@ -438,11 +427,7 @@ async def test_a_small_random_miss_does_not_wait_for_the_whole_block(meta, store
 
 
 async def test_close_stops_background_block_fetches(meta, store):
-    inode = await new_file(meta)
-    data = os.urandom(2 * BLOCK)
-    writer = ChunkWriter(meta, store)
-    await writer.write(inode, 0, data)
-    await writer.flush(inode)
+    inode, data = await written_file(meta, store, 2 * BLOCK)
     never = asyncio.Event()
 
     class StuckWholeGets(CountingStore):
@@ -547,11 +532,7 @@ async def test_a_local_store_is_read_in_place(meta, store, tmp_path):
     """A file:// store: a small random miss reads just its bytes and pulls no whole block
     in the background (the disk is as near as a cache); a read within one cached block
     can be answered as a view of it, without a copy."""
-    inode = await new_file(meta)
-    data = os.urandom(3 * BLOCK)
-    writer = ChunkWriter(meta, store)
-    await writer.write(inode, 0, data)
-    await writer.flush(inode)
+    inode, data = await written_file(meta, store, 3 * BLOCK)
 
     counting = CountingStore(store)
     cached = CachedStore(counting, BlockCache(memory_bytes=1 << 20))

@@ -51,24 +51,11 @@ FETCH_DEADLINE = 60.0
 MAX_STREAMS = 10_000
 
 
-def _is_local(store: Any) -> bool:
-    """Is the store (under any wrappers: caches, counters) a file:// store?"""
-    return _file_store(store) is not None
-
-
 def local_file_store(store: Any) -> FileStore | None:
-    """The FileStore under any wrappers (caches, counters), or None."""
+    """The FileStore under any wrappers (caches, counters: each keeps the store it wraps
+    as `.store`), or None."""
     while store is not None:
         if isinstance(store, FileStore):
-            return store
-        store = getattr(store, "store", None)
-    return None
-
-
-def _file_store(store: Any) -> Any:
-    """The file:// store under any wrappers (caches, counters), or None."""
-    while store is not None:
-        if getattr(store, "scheme", "") == "file":
             return store
         store = getattr(store, "store", None)
     return None
@@ -130,7 +117,7 @@ class ChunkReader:
         self.whole_blocks = self.cached or self.codec.name != "none"
         # A file:// store answers ranged reads from local disk about as fast as a cache:
         # a random small read of it does not pull the whole block in the background.
-        self.local = _is_local(store) if local is None else local
+        self.local = local_file_store(store) is not None if local is None else local
         self.readahead_max = readahead_max if readahead_max is not None else 8 * self.block_size
         self.memory_limit = memory_limit
         self.deadline = FETCH_DEADLINE  # seconds a fetch retries a store that fails
@@ -257,20 +244,17 @@ class ChunkReader:
         return await self._ranged(piece)
 
     async def _ranged(self, piece: _Piece) -> bytes:
+        # A local disk answers a small read at once (read_now); others are awaited.
         data = self.store.read_now(piece.key, piece.start, piece.length) if self.local else None
-        if data is not None:  # a local disk answered at once
-            if len(data) != piece.length:
-                raise CorruptData(f"block {piece.key} is short: wanted {piece.length} bytes "
-                                  f"at {piece.start}, got {len(data)}")  # fmt: skip
-            return data
-        async with self._slots:
-            try:  # most reads succeed at once: retry() only after a failure
-                data = await self.store.get(piece.key, piece.start, piece.length)
-            except TemporaryError:
-                data = await retry(
-                    lambda: self.store.get(piece.key, piece.start, piece.length),
-                    deadline=self.deadline,
-                )
+        if data is None:
+            async with self._slots:
+                try:  # most reads succeed at once: retry() only after a failure
+                    data = await self.store.get(piece.key, piece.start, piece.length)
+                except TemporaryError:
+                    data = await retry(
+                        lambda: self.store.get(piece.key, piece.start, piece.length),
+                        deadline=self.deadline,
+                    )
         if len(data) != piece.length:
             raise CorruptData(
                 f"block {piece.key} is short: wanted {piece.length} bytes at {piece.start}, "
@@ -369,14 +353,14 @@ class ChunkReader:
             for p in pieces:
                 if p.key not in self._blocks:
                     wanted.setdefault(p.key, p.block_len)
-            hint = getattr(_file_store(self.store), "will_need", None)
-            if self.local and hint is not None and self.codec.name == "none":
+            files = local_file_store(self.store)
+            if self.local and files is not None and self.codec.name == "none":
                 # A local disk: the kernel reads them all at once into its page cache,
                 # whence the reads take them; copying them into memory here as well only
                 # costs CPU (and races a FUSE layer answering reads itself).
                 for key in wanted:
                     if key not in self._inflight:
-                        hint(key)
+                        files.will_need(key)
                 return
             await asyncio.gather(*(self._whole_block(k, n) for k, n in wanted.items()))
         except asyncio.CancelledError:

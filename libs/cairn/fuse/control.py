@@ -313,8 +313,8 @@ class Instruments:
         local = self.local_reads
         c_reads, c_bytes = local.counts() if local is not None else (0, 0)
         if c_reads:
-            for table in (fuse, store):
-                row = table.setdefault("read" if table is fuse else "get", Meter().as_dict())
+            for table, op in ((fuse, "read"), (store, "get")):
+                row = table.setdefault(op, Meter().as_dict())
                 row["count"] += c_reads
                 row["bytes"] += c_bytes
         return {

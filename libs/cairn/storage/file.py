@@ -99,16 +99,15 @@ class FileStore(ObjectStore):
 
     async def _get(self, key: str, offset: int, length: int) -> bytes:
         if 0 < length <= self.inline_read:
-            try:
-                return self._pread(key, offset, length)
-            except OSError as error:
-                raise self._os_error(error, "read") from error
+            return self._read_inline(key, offset, length)
         return await self._run(self._get_sync, key, offset, length, action="read")
 
     def read_now(self, key: str, offset: int, length: int) -> bytes | None:
         if not 0 < length <= self.inline_read or offset < 0:
             return None
-        validate_key(key)
+        return self._read_inline(validate_key(key), offset, length)
+
+    def _read_inline(self, key: str, offset: int, length: int) -> bytes:
         try:
             return self._pread(key, offset, length)
         except OSError as error:
@@ -135,7 +134,7 @@ class FileStore(ObjectStore):
         now, in the background (posix_fadvise WILLNEED), so that reads of several objects
         ahead of a sequential reader overlap instead of waiting for each other."""
         try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_for_reads(self._path(key))
         except OSError:
             return  # a hint: the read itself reports a missing object
         try:

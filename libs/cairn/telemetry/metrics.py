@@ -27,7 +27,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.gc_collector import GCCollector
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -89,7 +88,7 @@ def _full_name(name: str, kind: type) -> str:
 
 def _get_or_create(
     kind: type, name: str, documentation: str, labels: Sequence[str], **options
-) -> MetricWrapperBase:
+) -> Any:
     full = _full_name(name, kind)
     labels = tuple(labels)
     with _lock:
@@ -141,13 +140,14 @@ class Histogram:
     """A labelled latency histogram exposed in Prometheus' format (`le` buckets, _sum,
     _count); `labels(*values)` returns the HistogramChild to observe."""
 
-    def __init__(self, name: str, documentation: str, labels: Sequence[str],
-                 buckets: Sequence[float]) -> None:  # fmt: skip
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], *,
+                 registry: CollectorRegistry, buckets: Sequence[float]) -> None:  # fmt: skip
         self.name = name
         self.documentation = documentation
         self.label_names = tuple(labels)
         self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
         self.children: dict[tuple[str, ...], HistogramChild] = {}
+        registry.register(self)
 
     def labels(self, *values: str, **named: str) -> HistogramChild:
         if named:
@@ -190,19 +190,7 @@ def histogram(
     buckets: Sequence[float] = LATENCY_BUCKETS,
 ) -> Histogram:
     """A histogram named cairn_<name>; latency buckets in seconds unless told otherwise."""
-    full = _full_name(name, Histogram)
-    labels = tuple(labels)
-    with _lock:
-        known = _metrics.get(full)
-        if known is not None:
-            if known[0] is not Histogram or known[1] != labels:
-                raise ValueError(f"metric {full} already exists as {known[0].__name__} "
-                                 f"with labels {list(known[1])}")  # fmt: skip
-            return known[2]
-        metric = Histogram(full, documentation, labels, buckets)
-        REGISTRY.register(metric)
-        _metrics[full] = (Histogram, labels, metric)
-        return metric
+    return _get_or_create(Histogram, name, documentation, labels, buckets=tuple(buckets))
 
 
 def exposition() -> bytes:

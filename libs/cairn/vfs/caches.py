@@ -176,10 +176,13 @@ class ChunkCache:
             self._expected.clear()
         self._expected[inode] = length
 
+    def _wanted(self, inode: int, index: int) -> int:
+        """How much of the chunk cached slices must cover, by the file length expected."""
+        return max(0, min(CHUNK_SIZE, self._expected.get(inode, 0) - index * CHUNK_SIZE))
+
     async def read(self, inode: int, index: int) -> list[Any]:
-        wanted = max(0, min(CHUNK_SIZE, self._expected.get(inode, 0) - index * CHUNK_SIZE))
         cached = self._cache.get((inode, index))
-        if cached is not None and cached[1] >= wanted:
+        if cached is not None and cached[1] >= self._wanted(inode, index):
             self.hits += 1
             return cached[0]
         self.misses += 1
@@ -200,8 +203,7 @@ class ChunkCache:
         if item is None:
             return None
         (views, covered), expires = item
-        wanted = max(0, min(CHUNK_SIZE, self._expected.get(inode, 0) - index * CHUNK_SIZE))
-        return (views, expires) if covered >= wanted else None
+        return (views, expires) if covered >= self._wanted(inode, index) else None
 
     def invalidate(self, inode: int, index: int | None = None) -> None:
         """Forget one chunk of inode, or all of them."""

@@ -824,7 +824,7 @@ class VFS:
         if store is None or self.reader.codec.name != "none":
             return None
         cache = getattr(self.store, "cache", None)
-        if cache is not None and getattr(cache, "_disk", None) is not None:
+        if cache is not None and cache.disk_enabled:
             return None  # a disk cache asked for by name (--cache-dir): reads go through it
         h = self.handles.files.get(fh)
         if h is None or not h.readable:
