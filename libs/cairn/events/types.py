@@ -331,3 +331,105 @@ class FileSystemFormatted(Event):
     storage: str  # the object store URL, password redacted
     block_size: int = 4 * 1024 * 1024
     trash_days: int = 1
+
+
+# --- datasets (aggregate id: "<namespace>/<name>" of the Dataset) -------------------------
+# Written by cairn-cache-syncer; node plugins follow RuntimeScaled and DatasetUnbound to know
+# which datasets they cache, and report back with NodeCacheReported (dataset "<ns>/<name>").
+
+
+@event
+class DatasetBound(Event):
+    """A CairnRuntime took the Dataset: its static PV and PVC exist (both named after the
+    dataset), `mounts` are the resolved sources [{name, path, read_only, volume}], `path`
+    (of the file system) the tree a pod sees."""
+
+    aggregate = "dataset"
+    runtime: str
+    uid: str
+    volume_handle: str
+    pv: str
+    pvc: str
+    mounts: list = field(default_factory=list)
+    read_only: bool = True
+
+
+@event
+class RuntimeScaled(Event):
+    """The cache nodes of a dataset changed: `nodes` hold its cache, with the runtime's
+    tiers [{mediumType, path, quota (bytes), high, low}]. The node plugins of `nodes` keep
+    a cache directory of the dataset under each tier's path (`<path>/<ns>-<name>`)."""
+
+    aggregate = "dataset"
+    replicas: int
+    nodes: list = field(default_factory=list)
+    tiers: list = field(default_factory=list)
+    mounts: list = field(default_factory=list)
+    clean_policy: str = "OnRuntimeDeleted"
+
+
+@event
+class NodeLabelled(Event):
+    """The syncer patched a node's labels for this dataset: `set` (key -> value) and
+    `removed` (keys)."""
+
+    aggregate = "dataset"
+    node: str
+    set: dict = field(default_factory=dict)
+    removed: list = field(default_factory=list)
+
+
+@event
+class DatasetUnbound(Event):
+    """The runtime went away (or the dataset is being deleted): no cache nodes, no PV/PVC,
+    no labels; the node plugins drop the dataset's cache directories."""
+
+    aggregate = "dataset"
+    reason: str = ""
+
+
+@event
+class DatasetDeleted(Event):
+    aggregate = "dataset"
+    reason: str = ""
+
+
+# --- data loads (aggregate id: "<namespace>/<name>" of the DataLoad) ----------------------
+
+
+@event
+class DataLoadStarted(Event):
+    """Run `run` of a DataLoad: `assignments` maps each cache node to the dataset paths it
+    loads (paths inside the dataset's tree, "/" for all of it)."""
+
+    aggregate = "dataload"
+    dataset: str  # "<ns>/<name>"
+    run: int
+    assignments: dict = field(default_factory=dict)
+
+
+@event
+class DataLoadProgressed(Event):
+    """A node's progress on its share of run `run` (cumulative); `done` when it finished,
+    with `error` when it failed."""
+
+    aggregate = "dataload"
+    node: str
+    run: int
+    files: int = 0
+    bytes: int = 0
+    done: bool = False
+    error: str = ""
+
+
+@event
+class DataLoadFinished(Event):
+    """Run `run` ended: phase Complete or Failed (with `reason`)."""
+
+    aggregate = "dataload"
+    run: int
+    phase: str
+    reason: str = ""
+    files: int = 0
+    bytes: int = 0
+    duration_seconds: float = 0.0

@@ -67,6 +67,7 @@ class Kind:
 PVC = Kind("PersistentVolumeClaim", "", "v1", "persistentvolumeclaims", True, True)
 PV = Kind("PersistentVolume", "", "v1", "persistentvolumes", False, True)
 NODE = Kind("Node", "", "v1", "nodes", False, True)
+POD = Kind("Pod", "", "v1", "pods", True, True)
 SECRET = Kind("Secret", "", "v1", "secrets", True)
 EVENT = Kind("Event", "", "v1", "events", True)
 NAMESPACE = Kind("Namespace", "", "v1", "namespaces", False, True)
@@ -81,6 +82,7 @@ KINDS = (
     PVC,
     PV,
     NODE,
+    POD,
     SECRET,
     EVENT,
     NAMESPACE,

@@ -62,12 +62,17 @@ async def run(cfg: dict) -> None:
         checks = [("redis", redact(cfg["meta_url"]), redis_ok)]
         if store is not None:
             checks.append(("object-store", redact(cfg["storage_url"]), store.check))
+        filesystems = FileSystems(cfg["meta_url"])
+        stack.push_async_callback(filesystems.close)
+
+        async def filesystem():
+            return (await filesystems.get({}))[0]
+
         admin = RpcServer(cfg["admin_addr"], interceptors=server_interceptors())
-        admin.add(admin_pb2_grpc.add_AdminServicer_to_server, Admin(PROG, redis, checks))
+        admin.add(admin_pb2_grpc.add_AdminServicer_to_server,
+                  Admin(PROG, redis, checks, filesystem=filesystem))  # fmt: skip
         servers = [admin]
         if cfg.get("csi_endpoint"):
-            filesystems = FileSystems(cfg["meta_url"])
-            stack.push_async_callback(filesystems.close)
             capacity = NodeCapacityProjection(redis, runtime.store)
             controller = Controller(Catalogue(redis), filesystems, runtime.events, capacity)
             servers.append(build_csi_server(cfg["csi_endpoint"], probe, controller))
