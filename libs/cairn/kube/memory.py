@@ -233,7 +233,7 @@ class MemoryAPI:
             kind, {"metadata": {"name": name, "namespace": namespace, "resourceVersion": rv}}
         )
         body = {k: v for k, v in patch.items() if not (kind.status and k == "status")}
-        new = merge_patch(current, body)
+        new = merge_patch(copy.deepcopy(current), body)  # a copy: the merge shares what it keeps
         new["metadata"].pop("resourceVersion", None)
         return await self._replace(kind, key, current, new)
 
