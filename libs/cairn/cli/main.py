@@ -16,15 +16,16 @@ from collections.abc import Sequence
 from cairn import __version__
 from cairn.errors import CairnError, exit_code
 
-COMMAND_MODULES = ("dev", "demo", "events", "probe", "fs", "bench", "mount", "volume", "stats",
-                   "warmup")  # fmt: skip
+COMMAND_MODULES = ("dev", "demo", "events", "probe", "fs", "bench", "mount", "volume",
+                   "dataset", "stats", "warmup")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cairn",
         description="Cairn: a distributed POSIX file system on Redis and object storage, "
-        "with a Kubernetes CSI driver.")
+        "with a Kubernetes CSI driver.",
+    )
     parser.add_argument("--version", action="version", version=f"cairn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
