@@ -20,14 +20,24 @@ from cairn.cli.dev import DEFAULT_STATE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="start a local Cairn stack and show it working",
-                          description="Start a local stack, show each service answering and "
-                          "the events on the stream; Ctrl-C stops everything it started.")
+    demo = sub.add_parser(
+        "demo",
+        help="start a local Cairn stack and show it working",
+        description="Start a local stack, show each service answering and "
+        "the events on the stream; Ctrl-C stops everything it started.",
+    )
     demo.add_argument("--state-dir", default=DEFAULT_STATE, help=f"default {DEFAULT_STATE}")
-    demo.add_argument("--once", action="store_true",
-                      help="stop the stack after showing it instead of waiting for Ctrl-C")
-    demo.add_argument("--big-mib", type=int, default=256,
-                      help="size of the large file written and read back (default 256)")
+    demo.add_argument(
+        "--once",
+        action="store_true",
+        help="stop the stack after showing it instead of waiting for Ctrl-C",
+    )
+    demo.add_argument(
+        "--big-mib",
+        type=int,
+        default=256,
+        help="size of the large file written and read back (default 256)",
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -49,8 +59,10 @@ async def show_services(stack: devstack.Stack) -> bool:
     for dep in status.dependencies:
         healthy &= dep.ok
         print(f"  {dep.name:13} {dep.url:45} {'ok' if dep.ok else 'FAILED'} ({dep.detail})")
-    print(f"  usage: {usage.used_bytes} bytes, {usage.used_inodes} inodes, "
-          f"{usage.volumes} CSI volumes")
+    print(
+        f"  usage: {usage.used_bytes} bytes, {usage.used_inodes} inodes, "
+        f"{usage.volumes} CSI volumes"
+    )
     for name, endpoint in (("controller", stack.controller_csi), ("node", stack.node_csi)):
         ready, reason = await probe(endpoint)
         healthy &= ready
@@ -97,10 +109,14 @@ def show_mount(mountpoint) -> None:
     used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
     print(f"{mountpoint}: {used / (1 << 20):.1f} MiB used, {fs.f_files - fs.f_ffree} inodes")
     cairn = shutil.which("cairn", path=os.path.dirname(sys.executable)) or "cairn"
-    shown = subprocess.run([cairn, "stats", "--once", str(mountpoint)], capture_output=True,
-                           text=True, timeout=30)
-    print(shown.stdout.rstrip() if shown.returncode == 0 else
-          f"(cairn stats: {shown.stderr.strip() or 'unavailable'})")
+    shown = subprocess.run(
+        [cairn, "stats", "--once", str(mountpoint)], capture_output=True, text=True, timeout=30
+    )
+    print(
+        shown.stdout.rstrip()
+        if shown.returncode == 0
+        else f"(cairn stats: {shown.stderr.strip() or 'unavailable'})"
+    )
 
 
 def cairn_cli(*args: str, state_dir: str) -> str:
@@ -137,10 +153,28 @@ def csi_walkthrough(state_dir: str) -> tuple[str, str]:
 
 
 def csi_cleanup(state_dir: str, volume_id: str) -> None:
-    for command in (("unpublish", volume_id, "--pod", "demo"), ("unstage", volume_id),
-                    ("delete", volume_id)):
+    for command in (
+        ("unpublish", volume_id, "--pod", "demo"),
+        ("unstage", volume_id),
+        ("delete", volume_id),
+    ):
         cairn_cli("volume", *command, state_dir=state_dir)
     print(f"unpublished, unstaged and deleted {volume_id}")
+
+
+async def show_dataset(stack: devstack.Stack, volume_id: str, target: str, state_dir: str) -> None:
+    """Files in the volume, then a Dataset of it bound, warmed up and reported."""
+    from cairn import demo_dataset
+
+    size = await asyncio.to_thread(demo_dataset.make_files, Path(target, "photos"))
+    print(f"wrote {size >> 20} MiB of files into {target}/photos")
+    tier = os.path.join(stack.state_dir, "cache-tier")  # absolute: the stack made it so
+    await demo_dataset.run(stack, volume_id, tier, print)
+    key = f"{demo_dataset.NAMESPACE}/{demo_dataset.NAME}"
+    print(f"$ cairn dataset history {demo_dataset.NAME} -n {demo_dataset.NAMESPACE}   # {key}")
+    print(await asyncio.to_thread(cairn_cli, "dataset", "history", demo_dataset.NAME, "-n",
+                                  demo_dataset.NAMESPACE, "--nats-url", stack.nats_url,
+                                  state_dir=state_dir))  # fmt: skip
 
 
 async def _demo(args) -> int:
@@ -163,19 +197,26 @@ async def _demo(args) -> int:
         step("the mount's statistics (cairn stats --once)")
         await asyncio.to_thread(show_mount, mountpoint)
         step("a CSI volume, driven over the plugins' unix sockets as kubelet would")
-        volume_id, _ = await asyncio.to_thread(csi_walkthrough, args.state_dir)
+        volume_id, target = await asyncio.to_thread(csi_walkthrough, args.state_dir)
         step(f"its story from the event stream (cairn volume history {volume_id})")
-        print(await asyncio.to_thread(cairn_cli, "volume", "history", volume_id,
-                                      state_dir=args.state_dir))
+        print(
+            await asyncio.to_thread(
+                cairn_cli, "volume", "history", volume_id, state_dir=args.state_dir
+            )
+        )
+        step("a dataset on that volume, cached next to its readers (cairn-cache-syncer)")
+        await show_dataset(stack, volume_id, target, args.state_dir)
         await asyncio.to_thread(csi_cleanup, args.state_dir, volume_id)
         step("events on the stream (JetStream CAIRN_EVENTS)")
         if args.once:
             await show_events(stack.nats_url, follow=False)
         else:
             env = os.path.join(stack.state_dir, devstack.ENV_FILE)
-            print(f"(the volume stays mounted at {mountpoint}; in another shell: `source {env}` "
-                  "and use cairn, or `cairn dev down` to stop; Ctrl-C here stops it all)",
-                  flush=True)
+            print(
+                f"(the volume stays mounted at {mountpoint}; in another shell: `source {env}` "
+                "and use cairn, or `cairn dev down` to stop; Ctrl-C here stops it all)",
+                flush=True,
+            )
             await show_events(stack.nats_url, follow=True)
         return 0 if healthy else 1
     finally:
