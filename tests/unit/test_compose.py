@@ -248,7 +248,7 @@ def test_jaeger_accepts_otlp():
 def test_every_service_runs_except_the_kubernetes_controllers():
     # The controllers watch PVCs, VolumeAttachments and Datasets and exit when there is no
     # API server; deploy/ runs them. Every other service belongs in the local stack.
-    controllers = {"cairn-provisioner", "cairn-attacher", "cairn-cache-syncer"}
+    controllers = {"cairn-provisioner", "cairn-attacher", "cairn-cache-syncer", "cairn-dataset-webhook"}
     for script in scripts():
         if script == "cairn":
             continue

@@ -35,6 +35,7 @@ CLUSTER_SCOPED = {
     "ClusterRole",
     "ClusterRoleBinding",
     "CustomResourceDefinition",
+    "MutatingWebhookConfiguration",
 }
 WORKLOADS = {"Deployment", "DaemonSet", "StatefulSet"}
 STANDARD_ENV = re.compile(r"^AWS_[A-Z_]+$")
@@ -291,7 +292,12 @@ def test_workloads_have_matching_selectors():
 
 def test_images_are_the_service_images_at_the_project_version():
     # one image per service, named after the console script it runs
-    assert images() == {script: script for script in project()["scripts"] if script != "cairn"}
+    assert all(image == script for image, script in images().items()), images()
+    scripts = {script for script in project()["scripts"] if script != "cairn"}
+    assert set(images()) <= scripts
+    # other console scripts run from a service's image, named by the container's command
+    commanded = {program(c)[0] for _, c in containers() if "command" in c}
+    assert scripts - set(images()) <= commanded, "a console script no manifest runs"
     used = set()
     for workload, c in containers():
         name, tag = image_repo(c["image"])
@@ -377,7 +383,7 @@ def test_listening_addresses_are_declared_ports():
         listening = []
         for c in pod_spec(workload)["containers"]:
             _, argv = program(c)
-            for flag in ("--admin-addr", "--metrics-addr", "--health-addr"):
+            for flag in ("--admin-addr", "--metrics-addr", "--health-addr", "--webhook-addr"):
                 value = flag_value(argv, flag)
                 if value:
                     host, _, port = value.rpartition(":")
@@ -644,3 +650,89 @@ def test_crd_is_structurally_valid(kind):
             if column["jsonPath"].startswith(".metadata."):
                 continue
             assert schema_has_path(schema, column["jsonPath"]), f"{kind}: column {column['name']}"
+
+
+# ------------------------------------------------------------------ the dataset webhook
+
+
+def webhook_configuration() -> dict:
+    configuration = named("MutatingWebhookConfiguration", "cairn-dataset-webhook")
+    assert len(configuration["webhooks"]) == 1
+    return configuration["webhooks"][0]
+
+
+def webhook_container() -> dict:
+    return container("cairn-dataset-webhook", "cairn-dataset-webhook")
+
+
+def test_webhook_sees_pod_creations_only_and_never_blocks_them():
+    hook = webhook_configuration()
+    assert hook["name"].endswith(".data.cairn.io")
+    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                              "resources": ["pods"], "scope": "Namespaced"}]  # fmt: skip
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "None"
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert 1 <= hook["timeoutSeconds"] <= 10
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    # the lookups give up before the API server does, so the answer arrives in time
+    from cairn_cache_syncer.webhook import LOOKUP_TIMEOUT
+
+    timeout = flag_value(program(webhook_container())[1], LOOKUP_TIMEOUT.flag)
+    assert float(timeout or LOOKUP_TIMEOUT.default) < hook["timeoutSeconds"]
+
+
+def test_webhook_leaves_cairns_own_namespace_alone():
+    selector = webhook_configuration()["namespaceSelector"]
+    excluded = [
+        e
+        for e in selector["matchExpressions"]
+        if e["key"] == "kubernetes.io/metadata.name" and e["operator"] == "NotIn"
+    ]
+    assert excluded and NAMESPACE in excluded[0]["values"]
+
+
+def test_webhook_service_reaches_the_served_port_and_path():
+    from cairn_cache_syncer.webhook import PATH
+
+    client = webhook_configuration()["clientConfig"]
+    assert "url" not in client
+    ref = client["service"]
+    assert ref["path"] == PATH
+    service = named("Service", ref["name"])
+    assert ref["namespace"] == service["metadata"]["namespace"] == NAMESPACE
+    port = next(p for p in service["spec"]["ports"] if p["port"] == ref.get("port", 443))
+    deployment = named("Deployment", "cairn-dataset-webhook")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    c = webhook_container()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    target = (
+        ports[port["targetPort"]] if isinstance(port["targetPort"], str) else port["targetPort"]
+    )
+    addr = flag_value(program(c)[1], "--webhook-addr")
+    assert addr == f"0.0.0.0:{target}"
+    for probe in (c["livenessProbe"], c["readinessProbe"]):
+        assert probe["httpGet"]["scheme"] == "HTTPS" and probe["httpGet"]["path"] == "/healthz"
+        assert ports[probe["httpGet"]["port"]] == target
+
+
+def test_webhook_certificate_comes_from_a_secret_volume():
+    spec = pod_spec(named("Deployment", "cairn-dataset-webhook"))
+    c = webhook_container()
+    for flag in ("--tls-cert-file", "--tls-key-file"):
+        path = flag_value(program(c)[1], flag)
+        assert path, f"{flag} unset"
+        mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "cairn-dataset-webhook-tls"
+        # the keys of a kubernetes.io/tls Secret, as `kubectl create secret tls` names them
+        assert Path(path).name in ("tls.crt", "tls.key")
+
+
+def test_webhook_rbac_reads_claims_and_datasets_only():
+    allowed = grants("cairn-dataset-webhook")
+    for verb in ("get", "list", "watch"):
+        assert ("", "persistentvolumeclaims", verb) in allowed
+        assert ("data.cairn.io", "datasets", verb) in allowed
+    assert {verb for _, _, verb in allowed} <= {"get", "list", "watch"}

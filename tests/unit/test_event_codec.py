@@ -164,8 +164,9 @@ def test_registry_knows_the_required_events():
     }
     assert required <= set(types.registered())
     for name, cls in types.registered().items():
-        assert name.endswith("ed"), f"{name} is not in the past tense"
-        assert cls.aggregate in {"service", "volume", "node", "filesystem"}
+        irregular = ("Bound", "Unbound")  # past participles without -ed
+        assert name.endswith(("ed", *irregular)), f"{name} is not in the past tense"
+        assert cls.aggregate in {"service", "volume", "node", "filesystem", "dataset", "dataload"}
 
 
 def test_events_are_frozen():

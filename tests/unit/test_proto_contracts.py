@@ -403,6 +403,7 @@ def test_admin_api_shape():
         "ListVolumes",
         "ListSessions",
         "GetUsage",
+        "GetDirUsage",
     ]
     volume = numbers(admin_pb2.Volume)
     assert volume["volume_id"] == 1 and volume["parameters"] == 10

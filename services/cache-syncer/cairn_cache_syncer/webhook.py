@@ -30,15 +30,16 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from cairn import config, datasets
 from cairn.errors import CairnError, ConfigError
 from cairn.kube.api import PVC, KubeAPI, Obj, labels
 from cairn.kube.reconcile import Informer
 from cairn.telemetry import metrics
+
+if TYPE_CHECKING:
+    from aiohttp import web  # imported when serving: keeps --help fast
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ async def admit(review: Obj, lookup: Lookup) -> Obj:
         REVIEWS.labels("skipped").inc()
         return _answer(uid)
     REVIEWS.labels("patched" if ops else "unchanged").inc()
+    log.debug("pod %s: %d patch operations", who, len(ops))
     return _answer(uid, ops)
 
 
@@ -294,6 +296,8 @@ class WebhookServer:
         self.runner: web.AppRunner | None = None
 
     async def mutate(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
         try:
             review = await request.json()
         except ValueError:
@@ -305,9 +309,13 @@ class WebhookServer:
         return web.json_response(await admit(review, self.lookup))
 
     async def healthz(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
         return web.Response(text="ok\n")
 
     async def start(self) -> None:
+        from aiohttp import web
+
         app = web.Application(client_max_size=8 << 20)  # a pod may be a few MiB of spec
         app.router.add_post(PATH, self.mutate)
         app.router.add_get("/healthz", self.healthz)
@@ -342,9 +350,9 @@ async def serve(cfg: dict[str, Any]) -> None:
     async with contextlib.AsyncExitStack() as stack:
         client = await api_client(cfg.get("kubeconfig"))
         stack.push_async_callback(client.close)
-        served = metrics.start_metrics_server(cfg.get("metrics_addr"))
-        if served is not None:
-            stack.callback(served.stop)
+        exporter = metrics.start_metrics_server(cfg.get("metrics_addr"))
+        if exporter is not None:
+            stack.callback(exporter.stop)
         index = ClaimIndex(RestAPI(client), timeout=float(cfg.get("lookup_timeout") or 2.0))
         watching = asyncio.create_task(index.run())
         stack.push_async_callback(_cancel, watching)
