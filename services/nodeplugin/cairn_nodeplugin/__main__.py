@@ -1,6 +1,7 @@
 """Entry point of `cairn-nodeplugin`: CSI Identity + Node on a unix socket, kubelet plugin
 registration, the HTTP /healthz liveness endpoint calling Probe, the watcher that repairs dead
-mounts, and the capacity reports of the local root."""
+mounts, the capacity reports of the local root, and the node's dataset caches (their
+directories, reports and warm-ups)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from cairn.rpc.server import RpcServer
 from cairn.service import Runtime, entry, open_runtime, wait_forever
 from cairn.telemetry.grpc_otel import server_interceptors
 from cairn.telemetry.metrics import start_metrics_server
+from cairn_nodeplugin.datasets import DatasetCaches
 from cairn_nodeplugin.history import LocalDeletions
 from cairn_nodeplugin.mounts import Keeper, MountProcesses
 from cairn_nodeplugin.node import CapacityReporter, FileSystems, NodeConfig, NodeService, readiness
@@ -48,9 +50,14 @@ WATCH_INTERVAL = config.Setting("watch_interval", "seconds between looks at the 
                                 "mount process is restarted)", 1.0, float)  # fmt: skip
 CAPACITY_INTERVAL = config.Setting("capacity_interval", "seconds between looks at the local "
                                    "root's free space (reported when it changed)", 60.0, float)  # fmt: skip
+CACHE_REPORT_INTERVAL = config.Setting(
+    "cache_report_interval", "seconds between reports of this node's dataset caches "
+    "(NodeCacheReported, sooner when they change; cairn-cache-syncer takes them as the "
+    "node's heartbeat)", 30.0, float)  # fmt: skip
 SETTINGS = config.COMMON + (CSI_ENDPOINT, config.NODE_ID, config.HEALTH_ADDR, config.KUBELET_DIR,
                             config.REGISTRATION_DIR, KUBELET_REGISTRATION_PATH, META_URL,
-                            LOCAL_ROOT, MAX_VOLUMES, WATCH_INTERVAL, CAPACITY_INTERVAL)  # fmt: skip
+                            LOCAL_ROOT, MAX_VOLUMES, WATCH_INTERVAL, CAPACITY_INTERVAL,
+                            CACHE_REPORT_INTERVAL)  # fmt: skip
 
 
 def data_dir(cfg: dict) -> Path:
@@ -71,6 +78,8 @@ def node_config(cfg: dict, data: Path) -> NodeConfig:
         dirs[name] = os.path.realpath(path)
     if cfg["max_volumes_per_node"] < 0:
         raise ConfigError("--max-volumes-per-node must not be negative")
+    if not cfg["cache_report_interval"] > 0:
+        raise ConfigError("--cache-report-interval must be more than 0 seconds")
     return NodeConfig(node_id=cfg["node_id"], kubelet_dir=dirs["kubelet_dir"],
                       local_root=dirs["local_root"], meta_url=cfg.get("meta_url") or None,
                       max_volumes=cfg["max_volumes_per_node"])  # fmt: skip
@@ -94,12 +103,15 @@ async def run(cfg: dict) -> None:
         # The volumes staged before a restart: rebuilt from the event history and the mount
         # table, served on, repaired if dead.
         await keeper.restore(history_store)
+        datasets = DatasetCaches(runtime.store, runtime.events, keeper, node_cfg.node_id, data,
+                                 cfg["cache_report_interval"])  # fmt: skip
         csi = RpcServer(cfg["csi_endpoint"], interceptors=server_interceptors())
         csi.add(
             csi_pb2_grpc.add_IdentityServicer_to_server,
             Identity(NODE_CAPABILITIES, readiness(node_cfg, keeper, filesystems)),
         )
-        csi.add(csi_pb2_grpc.add_NodeServicer_to_server, NodeService(node_cfg, keeper, filesystems))
+        csi.add(csi_pb2_grpc.add_NodeServicer_to_server,
+                NodeService(node_cfg, keeper, filesystems, datasets.poke))  # fmt: skip
         metrics = start_metrics_server(cfg.get("metrics_addr"))
         if metrics is not None:
             stack.callback(metrics.stop)
@@ -109,8 +121,10 @@ async def run(cfg: dict) -> None:
         for job in (
             keeper.watch(cfg["watch_interval"]),
             CapacityReporter(node_cfg, runtime.events, cfg["capacity_interval"]).run(),
-            LocalDeletions(runtime.store, node_cfg.node_id, node_cfg.local_root,
-                           keeper.table).run(),
+            LocalDeletions(
+                runtime.store, node_cfg.node_id, node_cfg.local_root, keeper.table
+            ).run(),
+            datasets.run(),
         ):
             stack.push_async_callback(cancel_and_wait, asyncio.create_task(job))
         if health:

@@ -6,7 +6,8 @@ A shared volume's mount process is started with `cairn mount --background` at th
 path: it returns once the mount answers, and the process it leaves runs in its own session,
 so it outlives a restart of the node plugin. Its PID file goes to the plugin's run directory
 (`CAIRN_RUN_DIR`, a short path under /run/cairn: the mount's control socket goes there too),
-its log and block cache to the plugin's data directory, one per volume.
+its log and block cache to the plugin's data directory, one per volume (a dataset's
+volume caches in the dataset's directory of its runtime's tier instead).
 
 When a mount process dies (OOM kill, crash), the staging path and every bind of it answer
 ENOTCONN. The watcher notices (the PID is gone, or the mount is dead), starts a new process at
@@ -321,19 +322,28 @@ class MountProcesses:
             return None
         return pid if serves(pid, staging) else None
 
+    def cache_path(self, volume_id: str) -> Path:
+        """The block cache a volume's mount gets when it names none of its own."""
+        return self.caches / volume_id
+
     async def start(self, volume_id: str, meta_url: str, subdir: str, staging: str,
-                    read_only: bool = False) -> int:  # fmt: skip
+                    read_only: bool = False, cache_dir: str = "",
+                    cache_size: int | None = None) -> int:  # fmt: skip
         """Mounts directory `subdir` of the file system at `staging`; the process's PID.
+        The block cache goes to `cache_dir` with `cache_size` bytes when given (a dataset's
+        tier), else to the plugin's directory for the volume with the default size.
 
         `cairn mount` clears a dead mount left at `staging` by a killed process first."""
         for d in (self.logs, self.caches, self.run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        size = self.cache_size if cache_size is None else str(cache_size)
         # The URL (maybe with a password) goes in the environment, never on the command line
         # (`ps` shows that to every user); `-` tells `cairn mount` to read it from there.
         argv = [sys.executable, "-m", "cairn.cli.main", "mount", "-", staging,
                 "--subdir", subdir, "--background", "--allow-other",
                 "--log", str(self.log_path(volume_id)),
-                "--cache-dir", str(self.caches / volume_id), "--cache-size", self.cache_size]  # fmt: skip
+                "--cache-dir", cache_dir or str(self.cache_path(volume_id)),
+                "--cache-size", size]  # fmt: skip
         if read_only:
             argv.append("--read-only")
         env = {**os.environ, "CAIRN_RUN_DIR": str(self.run_dir), META_ENV: meta_url}
@@ -372,7 +382,7 @@ class MountProcesses:
         prefix = META_ENV.encode() + b"="
         for item in raw.split(b"\0"):
             if item.startswith(prefix):
-                return item[len(prefix):].decode(errors="replace")
+                return item[len(prefix) :].decode(errors="replace")
         return ""
 
     @staticmethod
@@ -383,6 +393,18 @@ class MountProcesses:
         with contextlib.suppress(ValueError, IndexError):
             subdir = argv[argv.index("--subdir") + 1]
         return subdir, "--read-only" in argv
+
+    @staticmethod
+    def cache_of(pid: int) -> tuple[str, int | None]:
+        """(--cache-dir, --cache-size in bytes) of a live `cairn mount` process started by
+        this plugin ("" and None where the command line does not say)."""
+        argv = cmdline(pid)
+        found: dict[str, str] = {}
+        for flag in ("--cache-dir", "--cache-size"):
+            with contextlib.suppress(ValueError, IndexError):
+                found[flag] = argv[argv.index(flag) + 1]
+        size = found.get("--cache-size", "")
+        return found.get("--cache-dir", ""), int(size) if size.isdigit() else None
 
 
 def short_run_dir(data_dir: Path) -> Path:
@@ -480,7 +502,8 @@ class Keeper:
         if is_mounted(staging):
             await unmount(staging, lazy=True)  # a dead mount: detach it
         return await self.processes.start(volume.volume_id, volume.meta_url, volume.source,
-                                          staging, volume.read_only)  # fmt: skip
+                                          staging, volume.read_only, volume.cache_dir,
+                                          volume.cache_size)  # fmt: skip
 
     async def bind_local(self, volume: Volume) -> None:
         """A local volume's directory, made if missing, bound at its staging path."""
@@ -643,6 +666,11 @@ class Keeper:
                         staged_at=time.time())  # fmt: skip
         if pid:
             volume.source, volume.read_only = self.processes.options_of(pid)
+            # A dataset's mount caches in its tier: a repair must start it with that cache
+            # again (its dataset is known by its handle until kubelet's next NodeStage).
+            cache_dir, cache_size = self.processes.cache_of(pid)
+            if cache_dir and cache_dir != str(self.processes.cache_path(seen.volume_id)):
+                volume.cache_dir, volume.cache_size = cache_dir, cache_size
         elif seen.node or (entry is not None and not entry.fstype.startswith("fuse")):
             source = seen.path or (os.path.join(self.local_root, seen.volume_id)
                                    if self.local_root else "")  # fmt: skip

@@ -3,7 +3,11 @@
 - NodeStageVolume makes the volume available at kubelet's staging path, once per node: a
   shared volume (a directory of a Cairn file system, `path` in the volume_context) gets one
   `cairn mount --subdir <path>` process mounted there; a local volume (`type: local`) gets
-  its directory under this node's local root created and bind-mounted there.
+  its directory under this node's local root created and bind-mounted there. A dataset's
+  volume (`type: dataset`, the static PV cairn-cache-syncer writes) is staged as a shared
+  one, read-only when its `readOnly` says so, with its block cache in the dataset's
+  directory of the runtime's first tier (`<cacheDir>/<ns>-<name>`, `cacheSize` bytes): the
+  cache this node's warm-ups filled (datasets.py), so the pod reads from there.
 - NodePublishVolume bind-mounts the staging path at the pod's target path (read-only for a
   readonly request or a reader-only access mode); NodeUnpublishVolume undoes that and removes
   the target directory; NodeUnstageVolume stops the mount process once no target uses it.
@@ -38,12 +42,13 @@ import os
 import posixpath
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from cairn.config import redact
+from cairn.datasets import cache_dir_name
 from cairn.errors import (
     AlreadyExists,
     CairnError,
@@ -76,6 +81,8 @@ SECRET_META_URL = mounts.SECRET_META_URL
 META_SCHEMES = ("redis", "rediss", "unix")
 FS_TYPES = frozenset({"", "fuse", "cairn", "fuse.cairn"})
 VOLUME_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A Kubernetes namespace or object name (DNS-1123 subdomain): a dataset is "<ns>/<name>".
+K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
@@ -140,6 +147,53 @@ def check_shared_path(value: str) -> str:
             or any(p in ("", ".", "..") for p in parts[1:])):  # fmt: skip
         raise InvalidArgument(f"volume_context path {value!r} is not a plain absolute path")
     return value
+
+
+def check_dataset(value: str) -> str:
+    """A dataset's id, `<namespace>/<name>`."""
+    namespace, _, name = value.partition("/")
+    if not (K8S_NAME.fullmatch(namespace) and K8S_NAME.fullmatch(name)):
+        raise InvalidArgument(f"volume_context dataset {value[:128]!r} is not <namespace>/<name>")
+    return value
+
+
+def check_host_dir(value: str, what: str) -> str:
+    """A directory on this node named by a request: absolute, normalised, not the root."""
+    if not value.startswith("/") or value == "/" or posixpath.normpath(value) != value:
+        raise InvalidArgument(f"{what} {value[:256]!r} is not a plain absolute path")
+    return value
+
+
+@dataclass(frozen=True)
+class DatasetContext:
+    """What the volume_context of a dataset's volume asks for beyond a shared volume's."""
+
+    dataset: str
+    read_only: bool
+    cache_dir: str = ""  # "" : the plugin's own cache for the volume
+    cache_size: int | None = None
+
+    @classmethod
+    def parse(cls, context: Mapping[str, str]) -> DatasetContext:
+        dataset = check_dataset(context.get("dataset", ""))
+        flag = context.get("readOnly", "true").strip().lower()
+        if flag not in ("true", "false"):
+            raise InvalidArgument(f"volume_context readOnly {flag[:16]!r} is not true or false")
+        cache_dir, size = "", None
+        if context.get("cacheDir"):
+            tier = check_host_dir(context["cacheDir"], "volume_context cacheDir")
+            cache_dir = posixpath.join(tier, cache_dir_name(dataset))
+        if context.get("cacheSize"):
+            if not context["cacheSize"].isdigit():
+                raise InvalidArgument(f"volume_context cacheSize {context['cacheSize'][:32]!r} "
+                                      "is not a number of bytes")  # fmt: skip
+            size = int(context["cacheSize"])
+        return cls(dataset, flag == "true", cache_dir, size)
+
+    def apply(self, volume: Volume) -> None:
+        volume.dataset, volume.cache_dir, volume.cache_size = (
+            self.dataset, self.cache_dir, self.cache_size)  # fmt: skip
+        volume.read_only = volume.read_only or self.read_only
 
 
 def meta_problem(url: str) -> str:
@@ -219,11 +273,15 @@ class FileSystems:
 class NodeService(csi_pb2_grpc.NodeServicer):
     """CSI Node: see the module docstring."""
 
-    def __init__(self, cfg: NodeConfig, keeper: mounts.Keeper, filesystems: FileSystems):
+    def __init__(self, cfg: NodeConfig, keeper: mounts.Keeper, filesystems: FileSystems,
+                 datasets_changed: Callable[[], None] | None = None):  # fmt: skip
         self.cfg = cfg
         self.keeper = keeper
         self.table = keeper.table
         self.fs = filesystems
+        # Told when a dataset's volume was staged or unstaged (its cache reports and
+        # directories follow: datasets.DatasetCaches.poke).
+        self.datasets_changed = datasets_changed or (lambda: None)
 
     # -- identity and capabilities ----------------------------------------------------------
 
@@ -251,6 +309,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if volume.kind == "shared" and not volume.source:  # rebuilt from events
                     volume.source = check_shared_path(request.volume_context.get("path", ""))
                     self.table.save()
+                if (request.volume_context.get("type") == "dataset" and not volume.dataset
+                        and volume.kind == "shared"):  # fmt: skip
+                    DatasetContext.parse(request.volume_context).apply(volume)
+                    self.table.save()
                 if await self.keeper.problem(volume):
                     await self.keeper.recover(volume, dict(request.secrets), trace)
                 return csi_pb2.NodeStageVolumeResponse()
@@ -262,15 +324,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                         f"{self.cfg.max_volumes} volumes")  # fmt: skip
             context_ = dict(request.volume_context)
             kind = context_.get("type", "shared")
-            if kind == "shared":
-                volume = await self._stage_shared(vid, staging, cap, context_, request.secrets)
+            if kind in ("shared", "dataset"):
+                dataset = DatasetContext.parse(context_) if kind == "dataset" else None
+                volume = await self._stage_shared(vid, staging, cap, context_, request.secrets,
+                                                  dataset)  # fmt: skip
             elif kind == "local":
                 volume = await self._stage_local(vid, staging, cap, context_)
             else:
-                raise InvalidArgument(f"volume_context type {kind!r} is not shared or local")
-        log.info("volume %s staged at %s", vid, staging)
+                raise InvalidArgument(f"volume_context type {kind!r} is not shared, local or "
+                                      "dataset")  # fmt: skip
+        log.info("volume %s staged at %s%s", vid, staging,
+                 f" (dataset {volume.dataset})" if volume.dataset else "")  # fmt: skip
         await self.keeper.emit(vid, VolumeStaged(node=self.cfg.node_id, staging_path=staging,
                                                  mount_pid=volume.pid), trace)  # fmt: skip
+        if volume.dataset:
+            self.datasets_changed()
         return csi_pb2.NodeStageVolumeResponse()
 
     def _meta_url(self, context: Mapping[str, str], secrets: Mapping[str, str]) -> tuple[str, str]:
@@ -298,7 +366,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return url, ref
 
     async def _stage_shared(self, vid: str, staging: str, cap: Any, context: dict[str, str],
-                            secrets: Mapping[str, str]) -> Volume:  # fmt: skip
+                            secrets: Mapping[str, str],
+                            dataset: DatasetContext | None = None) -> Volume:  # fmt: skip
         url, ref = self._meta_url(context, secrets)
         path = check_shared_path(context.get("path", ""))
         meta = await self.fs.get(url)
@@ -313,6 +382,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             read_only=cap.access_mode.mode in READ_ONLY_MODES, meta=ref, fs_uuid=meta.fmt.uuid,
             log=str(self.keeper.processes.log_path(vid)), staged_at=time.time(), meta_url=url,
         )  # fmt: skip
+        if dataset is not None:
+            dataset.apply(volume)
         self.table.put(volume)  # recorded first: a crash from here on is finished by a retry
         try:
             await mounts.make_dir(staging)
@@ -453,6 +524,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         log.info("volume %s unstaged from %s", vid, staging)
         await self.keeper.emit(vid, VolumeUnstaged(node=self.cfg.node_id, staging_path=staging),
                                trace)  # fmt: skip
+        if volume.dataset:
+            self.datasets_changed()
         return csi_pb2.NodeUnstageVolumeResponse()
 
     async def _clear_unknown_staging(self, vid: str, staging: str) -> None:

@@ -61,6 +61,11 @@ class Volume:
     log: str = ""  # shared: the mount process's log file
     staged_at: float = 0.0
     targets: dict[str, Target] = field(default_factory=dict)
+    # A dataset's volume (`type: dataset`): which one ("<ns>/<name>"), and the block cache
+    # its mount uses ("" and None: the plugin's own per-volume cache, as other volumes).
+    dataset: str = ""
+    cache_dir: str = ""
+    cache_size: int | None = None
     # In memory only: never written to the state file.
     meta_url: str = field(default="", repr=False, compare=False)
     problem: str = field(default="", compare=False)  # why it is not healthy, "" when it is
