@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
-APT_PACKAGES="nats-server redis-server fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc git patch procps rsync sqlite3"
+APT_PACKAGES="nats-server redis-server etcd-server xz-utils fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc git patch procps rsync sqlite3"
 # pyfuse3 is built from its source release with third_party/pyfuse3/locks.patch (file locks
 # that hold across mounts), loop.patch (a cheaper session loop) and extents.patch (reads of
 # registered extents answered in C); the build has pyfuse3.CAIRN_LOCKS, CAIRN_LOOP and
@@ -38,7 +38,7 @@ install_apt() {
   as_root apt-get update -qq
   as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packaged services are not wanted running: Cairn starts its own on free ports.
-  for svc in redis-server nats-server; do
+  for svc in redis-server nats-server etcd; do
     as_root systemctl disable --now "$svc" >/dev/null 2>&1 || true
   done
 }
@@ -89,6 +89,41 @@ generate_proto() {
   "$VENV/bin/python" -m cairn.rpc.codegen
 }
 
+# The k8s test tier runs against a real control plane: kube-apiserver, kube-controller-manager
+# and kube-scheduler from ../shared/k8s (xz-compressed, beside a development checkout only),
+# unpacked once into .cache/k8s/<version>/ with a link to Debian's etcd, the folder named by
+# KUBEBUILDER_ASSETS as envtest's binaries are. Without ../shared/k8s the tier skips.
+K8S_SHARED="$ROOT/../shared/k8s"
+K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler"
+
+k8s_assets() {
+  [ -n "${KUBEBUILDER_ASSETS:-}" ] && return 0  # the user's own binaries win
+  [ -d "$K8S_SHARED" ] || return 0
+  local version dir name tmp
+  version=$(grep -o -m1 'v[0-9][0-9]*\.[0-9][0-9]*\.[0-9][0-9]*' "$K8S_SHARED/README.md" 2>/dev/null || true)
+  dir="$ROOT/.cache/k8s/${version:-unversioned}"
+  for name in $K8S_BINARIES; do
+    [ -f "$K8S_SHARED/$name.xz" ] || { say "$K8S_SHARED/$name.xz is missing"; return 0; }
+  done
+  mkdir -p "$dir"
+  for name in $K8S_BINARIES; do
+    # Done when executable and not older than its archive. The unpack goes to a temporary
+    # name first, so an interrupted one is never taken for a finished binary.
+    [ -x "$dir/$name" ] && ! [ "$K8S_SHARED/$name.xz" -nt "$dir/$name" ] && continue
+    say "unpacking $name into ${dir#"$ROOT"/}"
+    tmp=$(mktemp "$dir/.$name.XXXXXX")
+    if ! xz -dc "$K8S_SHARED/$name.xz" >"$tmp"; then
+      rm -f "$tmp"; say "could not unpack $K8S_SHARED/$name.xz"; exit 1
+    fi
+    chmod 755 "$tmp"
+    mv -f "$tmp" "$dir/$name"
+  done
+  if command -v etcd >/dev/null; then
+    ln -sfn "$(command -v etcd)" "$dir/etcd"
+  fi
+  export KUBEBUILDER_ASSETS="$dir"
+}
+
 setup() {
   install_apt
   install_venv
@@ -101,7 +136,7 @@ shift || true
 case "$cmd" in
   setup) setup ;;
   demo) setup; exec "$VENV/bin/cairn" demo "$@" ;;
-  test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  test) setup; k8s_assets; exec "$VENV/bin/python" -m pytest "$@" ;;
   -h|--help|help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) say "unknown command '$cmd' (try: setup, demo, test)"; exit 2 ;;
 esac

@@ -1,114 +1,262 @@
-"""A real control plane for the k8s tier, envtest's way: when KUBEBUILDER_ASSETS names a folder
-with `etcd` and `kube-apiserver`, both are started on free ports (a token for a
-system:masters user, a throw-away service-account key, self-signed serving certs) and a
-kubeconfig is written; the tests here are skipped otherwise. Also the event stream and
-cairn-meta's CSI Controller the reconcilers talk to (real redis-server and nats-server)."""
+"""The k8s tier runs against a real control plane (controlplane.py): etcd, kube-apiserver,
+kube-controller-manager (the PV binder among its controllers) and kube-scheduler, started
+once per session from KUBEBUILDER_ASSETS, with deploy/'s cluster configuration applied
+(Namespace, CRDs, RBAC, CSIDriver, StorageClasses). Without the binaries the whole tier is
+skipped with one line saying why.
+
+Fixtures: `control_plane` (the admin kubeconfig's path), `kube` (a RestAPI as admin),
+`sa_kubeconfig(name)` / `sa_kube(name)` (a kubeconfig / RestAPI as one of deploy/'s service
+accounts, so the code under test has exactly the rights deploy/ gives it), `nodes` (Nodes
+without kubelets, with CSINodes registering csi.cairn.io, for the scheduler to place pods
+on), and `csi`, cairn-meta's CSI Controller over real redis-server and nats-server.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import ssl
-import urllib.request
+import concurrent.futures
+import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from controlplane import (
+    CLUSTER_CONFIG,
+    DEPLOY,
+    ControlPlane,
+    StartError,
+    find_assets,
+    find_etcd,
+    write_kubeconfig,
+)
 
-from cairn import localstack
+from cairn.kube.api import CSI_NODE, NODE, Obj, RestAPI, now_rfc3339
 from cairn.meta.engine import Format, format_volume
 from cairn.rpc.channel import connect
 
-ASSETS = os.environ.get("KUBEBUILDER_ASSETS", "")
+ASSETS, SKIP_REASON = find_assets()
+DRIVER = "csi.cairn.io"
+NODE_NAMES = ("worker-a", "worker-b")
+NOT_READY = "node.kubernetes.io/not-ready"
+TOKEN_SECONDS = 24 * 3600
+_timings: dict[str, float] = {}
 
 
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
-    have = bool(ASSETS) and all((Path(ASSETS) / b).exists() for b in ("etcd", "kube-apiserver"))
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.k8s)
-            if not have:
-                item.add_marker(pytest.mark.skip(
-                    reason="KUBEBUILDER_ASSETS does not name a folder with etcd and "
-                    "kube-apiserver"))
+            if ASSETS is None:
+                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
 
 
-def _service_account_key(path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The tier's skips are reported from here, so the summary folds them into one line."""
+    report = yield
+    if ASSETS is None and report.skipped and isinstance(report.longrepr, tuple):
+        report.longrepr = (__file__, None, SKIP_REASON)
+    return report
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.TraditionalOpenSSL,
-                                       serialization.NoEncryption()))
+
+def pytest_terminal_summary(terminalreporter):
+    if _timings:
+        terminalreporter.write_line(
+            f"k8s control plane: started in {_timings['start']:.1f} s, deploy/ applied in "
+            f"{_timings['apply']:.1f} s"
+        )
 
 
-def _healthy(url: str, token: str) -> bool:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    request = urllib.request.Request(f"{url}/readyz", headers={"Authorization": f"Bearer {token}"})
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Runs a coroutine to the end on a loop of its own in a worker thread (session fixtures
+    are synchronous; each test's loop is pytest-asyncio's)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def kube_client(kubeconfig: str | Path):
+    """A kubernetes_asyncio ApiClient for one kubeconfig (the library's global default
+    configuration is left alone, so several identities can live side by side)."""
+    from kubernetes_asyncio import client, config
+
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    return client.ApiClient(configuration=configuration)
+
+
+async def _as(kubeconfig: str | Path, work) -> Any:
+    api_client = await kube_client(kubeconfig)
     try:
-        with urllib.request.urlopen(request, timeout=1, context=context) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
+        return await work(RestAPI(api_client))
+    finally:
+        await api_client.close()
+
+
+# -- the control plane, with deploy/ applied ----------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory):
-    """(kubeconfig path) of a fresh etcd + kube-apiserver, stopped after the session."""
-    root = tmp_path_factory.mktemp("envtest")
-    assets = Path(ASSETS)
-    client_port, peer_port, api_port = (localstack.free_port() for _ in range(3))
-    etcd = localstack.Server("etcd", [
-        str(assets / "etcd"), "--data-dir", str(root / "etcd"),
-        "--listen-client-urls", f"http://127.0.0.1:{client_port}",
-        "--advertise-client-urls", f"http://127.0.0.1:{client_port}",
-        "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-        "--unsafe-no-fsync"], root / "etcd.log")  # fmt: skip
-    etcd.start(lambda: localstack.port_open("127.0.0.1", client_port), timeout=30)
-    token = secrets.token_hex(16)
-    (root / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
-    _service_account_key(root / "sa.key")
-    api = localstack.Server("kube-apiserver", [
-        str(assets / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{client_port}",
-        f"--secure-port={api_port}", "--bind-address=127.0.0.1", f"--cert-dir={root / 'certs'}",
-        f"--token-auth-file={root / 'tokens.csv'}", "--authorization-mode=RBAC",
-        f"--service-account-key-file={root / 'sa.key'}",
-        f"--service-account-signing-key-file={root / 'sa.key'}",
-        "--service-account-issuer=https://envtest.local", "--service-cluster-ip-range=10.0.0.0/24",
-        "--allow-privileged=true"], root / "kube-apiserver.log")  # fmt: skip
-    url = f"https://127.0.0.1:{api_port}"
+def cluster(tmp_path_factory) -> ControlPlane:
+    """The running control plane (logs and certificates under its `root`)."""
+    from cairn.kube.apply import apply, load_kustomization
+
+    assert ASSETS is not None
+    plane = ControlPlane(ASSETS, find_etcd(ASSETS) or "etcd", tmp_path_factory.mktemp("k8s"))
+    failed = ""
     try:
-        api.start(lambda: _healthy(url, token), timeout=90)
+        plane.start()
+    except StartError as error:
+        failed = str(error)
+    if failed:  # outside the except: the message alone, no chained traceback
+        pytest.fail(f"the k8s control plane did not start: {failed}", pytrace=False)
+    _timings["start"] = plane.started_in
+    try:
+        began = time.monotonic()
+        objects = [o for o in load_kustomization(DEPLOY) if o.get("kind") in CLUSTER_CONFIG]
+        plane.deploy = run_async(_as(plane.kubeconfig, lambda api: apply(api, objects)))
+        _timings["apply"] = time.monotonic() - began
     except BaseException:
-        etcd.stop()
+        plane.stop()
         raise
-    kubeconfig = root / "kubeconfig"
-    kubeconfig.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: envtest, cluster: {{server: "{url}", insecure-skip-tls-verify: true}}}}]
-users: [{{name: admin, user: {{token: "{token}"}}}}]
-contexts: [{{name: envtest, context: {{cluster: envtest, user: admin}}}}]
-current-context: envtest
-""")
-    yield str(kubeconfig)
-    api.stop()
-    etcd.stop()
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture(scope="session")
+def control_plane(cluster) -> str:
+    """The admin's kubeconfig (system:masters)."""
+    return str(cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def cairn_namespace(cluster) -> str:
+    """The namespace deploy/ puts Cairn's service accounts, leases and capacities in."""
+    spaces = [o["metadata"]["name"] for o in cluster.deploy if o.get("kind") == "Namespace"]
+    assert len(spaces) == 1, f"deploy/ should define one Namespace, not {spaces}"
+    return spaces[0]
 
 
 @pytest.fixture
 async def kube(control_plane):
-    """A RestAPI on the control plane; the objects the test made are removed afterwards."""
-    from cairn.kube.api import RestAPI
+    """A RestAPI on the control plane as its admin."""
     from cairn.kube.client import api_client
 
     client = await api_client(control_plane)
     yield RestAPI(client)
     await client.close()
+
+
+# -- service-account identities -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sa_kubeconfig(cluster, cairn_namespace):
+    """`sa_kubeconfig(name)`: the path of a kubeconfig for deploy/'s ServiceAccount `name`,
+    with a token from the TokenRequest API (made once per session)."""
+    accounts = {o["metadata"]["name"] for o in cluster.deploy if o.get("kind") == "ServiceAccount"}
+    made: dict[str, str] = {}
+
+    async def token(api: RestAPI, name: str) -> str:
+        from kubernetes_asyncio import client
+
+        answer = await client.CoreV1Api(api.client).create_namespaced_service_account_token(
+            name, cairn_namespace, {"spec": {"expirationSeconds": TOKEN_SECONDS}}
+        )
+        return answer.status.token
+
+    def get(name: str) -> str:
+        if name not in accounts:
+            raise AssertionError(
+                f"deploy/ has no ServiceAccount {name} (it has {sorted(accounts)})"
+            )
+        if name not in made:
+            secret = run_async(_as(cluster.kubeconfig, lambda api: token(api, name)))
+            user = f"system:serviceaccount:{cairn_namespace}:{name}"
+            path = cluster.root / f"sa-{name}.kubeconfig"
+            made[name] = str(write_kubeconfig(path, cluster.url, cluster.pki.ca, user, secret))
+        return made[name]
+
+    return get
+
+
+@pytest.fixture
+async def sa_kube(sa_kubeconfig):
+    """`await sa_kube(name)`: a RestAPI logged in as deploy/'s ServiceAccount `name`."""
+    clients = []
+
+    async def login(name: str) -> RestAPI:
+        api_client = await kube_client(sa_kubeconfig(name))
+        clients.append(api_client)
+        return RestAPI(api_client)
+
+    yield login
+    for api_client in clients:
+        await api_client.close()
+
+
+# -- nodes without kubelets ---------------------------------------------------------------------
+
+
+def fake_node(name: str, topology_key: str) -> Obj:
+    labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+              "kubernetes.io/arch": "amd64", topology_key: name}  # fmt: skip
+    resources = {"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "100Gi"}
+    stamp = now_rfc3339()
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {},
+        "status": {
+            "capacity": resources,
+            "allocatable": resources,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "message": "a test node: no kubelet behind it",
+                            "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}],
+            "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
+                         "kubeletVersion": "v1.36.2", "containerRuntimeVersion": "none://0",
+                         "kernelVersion": "", "osImage": "", "kubeProxyVersion": "",
+                         "machineID": "", "systemUUID": "", "bootID": ""},
+        },
+    }  # fmt: skip
+
+
+def csi_node(node: Obj, topology_key: str) -> Obj:
+    """The CSINode kubelet writes once the node plugin registered (owned by its Node)."""
+    m = node["metadata"]
+    return {
+        "metadata": {"name": m["name"], "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Node", "name": m["name"], "uid": m["uid"]}]},
+        "spec": {"drivers": [{"name": DRIVER, "nodeID": m["name"],
+                              "topologyKeys": [topology_key]}]},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def nodes(cluster) -> list[str]:
+    """Ready Nodes with room for pods and Cairn's topology label, each with a CSINode that
+    registers csi.cairn.io, as kubelet and the node plugin would leave them; their names."""
+    from cairn_meta.controller import TOPOLOGY_KEY
+
+    async def make(api: RestAPI) -> None:
+        for name in NODE_NAMES:
+            wanted = fake_node(name, TOPOLOGY_KEY)
+            node = await api.create(NODE, wanted)
+            node["status"] = wanted["status"]
+            node = await api.update_status(NODE, node)
+            # Admission (TaintNodesByCondition) taints a new node not-ready until the node
+            # lifecycle controller sees it Ready; that controller does not run here.
+            taints = node["spec"].get("taints") or []
+            node["spec"]["taints"] = [t for t in taints if t.get("key") != NOT_READY]
+            node = await api.update(NODE, node)
+            await api.create(CSI_NODE, csi_node(node, TOPOLOGY_KEY))
+
+    run_async(_as(cluster.kubeconfig, make))
+    return list(NODE_NAMES)
+
+
+# -- cairn-meta's CSI Controller -----------------------------------------------------------------
 
 
 @pytest.fixture
@@ -119,12 +267,14 @@ async def csi(redis_url, store, events, tmp_path):
     from cairn_meta.catalogue import Catalogue
     from cairn_meta.controller import Controller, FileSystems
 
-    await format_volume(redis_url, Format(name="csi", storage=f"file://{tmp_path}/objects",
-                                          capacity=100 << 30))
+    await format_volume(
+        redis_url, Format(name="csi", storage=f"file://{tmp_path}/objects", capacity=100 << 30)
+    )
     redis = aioredis.from_url(redis_url)
     filesystems = FileSystems(redis_url)
-    controller = Controller(Catalogue(redis), filesystems, events,
-                            NodeCapacityProjection(redis, store))
+    controller = Controller(
+        Catalogue(redis), filesystems, events, NodeCapacityProjection(redis, store)
+    )
 
     async def probe() -> None:
         await redis.ping()
