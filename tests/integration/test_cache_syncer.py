@@ -65,8 +65,10 @@ async def sizes(redis_url, tmp_path):
         return (await filesystems.get({}))[0]
 
     server = RpcServer("127.0.0.1:0")
-    server.add(admin_pb2_grpc.add_AdminServicer_to_server,
-               Admin("cairn-meta", vfs.meta.r, [], filesystem=filesystem))
+    server.add(
+        admin_pb2_grpc.add_AdminServicer_to_server,
+        Admin("cairn-meta", vfs.meta.r, [], filesystem=filesystem),
+    )
     await server.start()
     usage = MetaUsage(server.address)
     yield usage, vfs
@@ -130,8 +132,16 @@ def _capacity(n, gib):
 
 
 async def report(store, node_name, cached, dataset_key=KEY):
-    await put(store, "node", node_name, [NodeCacheReported(
-        node=node_name, dataset=dataset_key, cached_bytes=cached, capacity_bytes=2 * GiB)])
+    await put(
+        store,
+        "node",
+        node_name,
+        [
+            NodeCacheReported(
+                node=node_name, dataset=dataset_key, cached_bytes=cached, capacity_bytes=2 * GiB
+            )
+        ],
+    )
 
 
 def syncer(api, store, usage=None, expiry=30.0):
@@ -354,8 +364,9 @@ async def test_dataloads_run_one_at_a_time_and_fail_when_a_node_dies(store):
         dl = await eventually(lambda: _dl_phase(api, "warm", "Complete"), 10, "complete")
         assert dl["status"]["loadedFiles"] == 4 and dl["status"]["loadedBytes"] == 300
         # the second one runs now; one node finishes, the other dies
-        run2 = await eventually(plain(lambda: s.facts.loads.get(f"{NS}/second")), 10,
-                                "second started")
+        run2 = await eventually(
+            plain(lambda: s.facts.loads.get(f"{NS}/second")), 10, "second started"
+        )
         alive = sorted(run2.assignments)[0]
         await put(store, "dataload", f"{NS}/second", [DataLoadProgressed(
             node=alive, run=1, files=1, bytes=10, done=False)])  # fmt: skip
@@ -413,6 +424,8 @@ async def test_exclusive_placement_and_scale_in(store):
     async with running(s.run()):
         await api.create(names.DATASET, dataset(placement="Exclusive"))
         await api.create(names.RUNTIME, runtime(replicas=2))
+        await eventually(plain(lambda: len(getattr(s.facts.datasets.get(KEY), "nodes", [])) == 2),
+                         10, "the exclusive dataset placed first")  # fmt: skip
         await api.create(names.DATASET, dataset("other"))
         await api.create(names.RUNTIME, runtime("other", replicas=3))
 

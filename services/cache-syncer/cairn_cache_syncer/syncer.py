@@ -111,6 +111,9 @@ class CacheSyncer:
         self.controllers = (self.datasets, self.runtimes, self.nodes, self.dataloads)
         self._usage: dict[str, tuple[float, tuple[int, int]]] = {}
         self._warned: dict[str, str] = {}  # object key -> last Warning reason recorded
+        # Placements read every dataset's nodes: one at a time, or two runtimes reconciled
+        # at once could both take the same free node (Exclusive placement broken).
+        self._placing = asyncio.Lock()
         self.dataset_cache.add_handler(self._dataset_changed)
         self.runtime_cache.add_handler(self._runtime_changed)
         self.dataload_cache.add_handler(self.dataloads.handler())
@@ -351,6 +354,10 @@ class CacheSyncer:
 
     async def place(self, key: str, dataset: Obj, runtime: Obj) -> None:
         """Chooses the cache nodes; records RuntimeScaled when they (or the tiers) change."""
+        async with self._placing:
+            await self._place(key, dataset, runtime)
+
+    async def _place(self, key: str, dataset: Obj, runtime: Obj) -> None:
         d = self.facts.datasets[key]
         now = self.clock()
         spec = runtime.get("spec", {})
