@@ -447,3 +447,62 @@ async def test_exclusive_placement_and_scale_in(store):
 async def _cached(api, wanted):
     ds = await get(api, names.DATASET, "imagenet")
     return (ds or {}).get("status", {}).get("cacheStates", {}).get("cached") == wanted
+
+
+class CrashingAPI:
+    """The in-memory API, but the syncer dies right after the call `verb` on `kind` went
+    through (its task is cancelled there, as a SIGKILL would stop it between two writes)."""
+
+    def __init__(self, api, verb: str, kind: str):
+        self.api, self.verb, self.kind = api, verb, kind
+        self.task: asyncio.Task | None = None
+        self.crashed = asyncio.Event()
+
+    def __getattr__(self, name):
+        call = getattr(self.api, name)
+        if name != self.verb:
+            return call
+
+        async def then_die(kind, *args, **kwargs):
+            answer = await call(kind, *args, **kwargs)
+            if kind.kind == self.kind and not self.crashed.is_set():
+                self.crashed.set()
+                self.task.cancel()
+                await asyncio.sleep(3600)  # the cancellation lands here
+            return answer
+
+        return then_die
+
+
+@pytest.mark.parametrize("verb,kind", [("create", "PersistentVolume"),
+                                       ("create", "PersistentVolumeClaim"),
+                                       ("patch", "Node"),
+                                       ("update_status", "Dataset")])  # fmt: skip
+async def test_syncer_killed_mid_reconcile_converges_after_restart(store, verb, kind):
+    api = MemoryAPI()
+    await world(api, store)
+    crashing = CrashingAPI(api, verb, kind)
+    first = syncer(crashing, store)
+    crashing.task = asyncio.create_task(first.run())
+    await api.create(names.DATASET, dataset())
+    await api.create(names.RUNTIME, runtime(replicas=2))
+    await asyncio.wait_for(crashing.crashed.wait(), 10)
+    await asyncio.gather(crashing.task, return_exceptions=True)
+    again = syncer(api, store)
+    async with running(again.run()):
+
+        async def settled():
+            lab = await node_labels(api)
+            return (await phase(api) == "Bound" and await get(api, PVC, "imagenet")
+                    and sum(1 for v in lab.values() if v) == 2)  # fmt: skip
+
+        await eventually(settled, 10, "bound and two cache nodes labelled after the restart")
+        await again.wait_idle()
+    history = await store.load("dataset", KEY)
+    types = [e.type for e in history]
+    assert types.count("DatasetBound") == 1 and types.count("RuntimeScaled") == 1, types
+    pvs, _ = await api.list(PV)
+    assert [p["metadata"]["name"] for p in pvs] == ["team-imagenet"]
+    replayed = FactsFollower(store, Facts())
+    await replayed.catch_up()
+    assert replayed.facts.snapshot()["datasets"] == again.facts.snapshot()["datasets"]
