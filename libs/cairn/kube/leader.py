@@ -41,6 +41,7 @@ class LeaderElector:
         self.retry_period = retry_period
         self.leading = asyncio.Event()
         self.transitions = 0
+        self._said = ""  # the last problem logged at WARNING
 
     def _spec(self, spec: Obj, acquiring: bool) -> Obj:
         stamp = now_rfc3339(micro=True)
@@ -94,10 +95,29 @@ class LeaderElector:
 
     async def _attempt(self) -> bool:
         try:
-            return await self.try_acquire_or_renew()
+            answer = await self.try_acquire_or_renew()
         except CairnError as error:
-            log.warning("leader election: %s", error)
+            self._say(self._advice(error))
             return False
+        self._said = ""  # a later failure is news again
+        return answer
+
+    def _advice(self, error: CairnError) -> str:
+        """What to do about a failed attempt, in one line."""
+        if isinstance(error, NotFound) and "namespace" in str(error):
+            return (f"leader election: namespace {self.namespace!r} does not exist: create it "
+                    f"(kubectl create namespace {self.namespace}) or pass "
+                    "--leader-election-namespace NAME (empty: no leader election, run one "
+                    "replica only); retrying")  # fmt: skip
+        return f"leader election: {error}; retrying"
+
+    def _say(self, text: str) -> None:
+        """Each problem once at WARNING (retries repeat it only at DEBUG)."""
+        if text == self._said:
+            log.debug("%s", text)
+            return
+        self._said = text
+        log.warning("%s", text)
 
     async def _keep(self) -> None:
         """Renews until a renewal has failed for renew_deadline; then returns."""
