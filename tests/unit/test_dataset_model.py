@@ -3,10 +3,12 @@ of a DataLoad, desired labels with expiry, status numbers, and the fold of event
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cairn import datasets as names
-from cairn.errors import FailedPrecondition, InvalidArgument, NotFound
+from cairn.errors import InvalidArgument, NotFound
 from cairn.events.envelope import Envelope
 from cairn.events.types import (
     DatasetBound,
@@ -43,8 +45,44 @@ def test_mount_urls_resolve_to_file_system_directories():
         binding.resolve_mounts(ds("cairn://vol-1/../etc"), volumes, lambda *_: None)
     with pytest.raises(InvalidArgument):
         binding.parse_mount("s3://bucket")
-    with pytest.raises(FailedPrecondition):
-        binding.resolve_mounts(ds("cairn://vol-1", "cairn://vol-1/a"), volumes, lambda *_: None)
+
+
+def test_several_mounts_are_directories_of_one_tree():
+    volumes = {"vol-1": {"name": "pvc-abc", "path": "/v/vol-1"},
+               "vol-2": {"path": "/v/vol-2"}}  # fmt: skip
+    dataset = ds("cairn://vol-1/train", "cairn://vol-2")
+    dataset["spec"]["mounts"][1]["readOnly"] = False
+    got = binding.resolve_mounts(dataset, volumes, lambda *_: None)
+    assert got == [
+        {"name": "train", "path": "/v/vol-1/train", "read_only": True, "volume": "vol-1"},
+        {"name": "vol-2", "path": "/v/vol-2", "read_only": False, "volume": "vol-2"},
+    ]  # a name by default: the path's last element, else the volume
+    pv, _ = binding.pv_and_pvc(dataset, {"spec": {}}, got)
+    attrs = pv["spec"]["csi"]["volumeAttributes"]
+    assert attrs["path"] == "/v/vol-1/train"  # the first, for plugins from before trees
+    assert [m["name"] for m in json.loads(attrs["mounts"])] == ["train", "vol-2"]
+    named = ds("cairn://vol-1/a", "cairn://vol-1/b")
+    named["spec"]["mounts"][0]["name"] = "first"
+    assert [m["name"] for m in binding.resolve_mounts(named, volumes, lambda *_: None)] == [
+        "first", "b"]  # fmt: skip
+    for bad in ("a/b", "..", ".", "x" * 256):
+        dataset = ds("cairn://vol-1/a", "cairn://vol-2")
+        dataset["spec"]["mounts"][0]["name"] = bad
+        with pytest.raises(InvalidArgument, match="mount 0: name"):
+            binding.resolve_mounts(dataset, volumes, lambda *_: None)
+
+
+def test_two_mounts_may_not_share_a_name():
+    volumes = {"vol-1": {"path": "/v/vol-1"}, "vol-2": {"path": "/v/vol-2"}}
+    same_last = ds("cairn://vol-1/train", "cairn://vol-2/train")
+    with pytest.raises(InvalidArgument, match="mounts 0 and 1 are both named 'train'"):
+        binding.resolve_mounts(same_last, volumes, lambda *_: None)
+    same_last["spec"]["mounts"][1]["name"] = "train-2"
+    assert len(binding.resolve_mounts(same_last, volumes, lambda *_: None)) == 2
+    named = ds("cairn://vol-1", "cairn://vol-2")
+    named["spec"]["mounts"][1]["name"] = "vol-1"
+    with pytest.raises(InvalidArgument, match="both named 'vol-1'"):
+        binding.resolve_mounts(named, volumes, lambda *_: None)
 
 
 def test_binding_writes_a_static_pv_and_its_claim():

@@ -1,16 +1,18 @@
 """The pure parts of cairn-nodeplugin's dataset caches: what the events say (tiers, nodes,
 the fold of a dataset's events), the size walk and removal of cache directories, when a
-report is due, warm-up paths and shares, progress that never goes back, and the volume
-context of a dataset's volume."""
+report is due, warm-up paths and shares, progress that never goes back, the volume context
+of a dataset's volume, and a dataset of several mounts served as one tree (its branches,
+paths mapped through them, the tree read back from the mount table)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from cairn.errors import ConflictError, InvalidArgument, PermanentError
+from cairn.errors import ConflictError, InvalidArgument, NotFound, PermanentError
 from cairn.events.envelope import Envelope
 from cairn.events.types import (
     DataLoadFinished,
@@ -22,10 +24,11 @@ from cairn.events.types import (
     RuntimeScaled,
 )
 from cairn.storage.cache import TEMP_PREFIX
-from cairn_nodeplugin import datasets
+from cairn_nodeplugin import datasets, mounts
 from cairn_nodeplugin.datasets import (
     DatasetCaches,
     Datasets,
+    Layout,
     Prior,
     Share,
     Tier,
@@ -40,7 +43,14 @@ from cairn_nodeplugin.datasets import (
 )
 from cairn_nodeplugin.mounts import Keeper, MountProcesses
 from cairn_nodeplugin.node import DatasetContext
-from cairn_nodeplugin.state import StateFile, Table, Volume
+from cairn_nodeplugin.state import Branch, StateFile, Table, Volume
+from cairn_nodeplugin.tree import (
+    TREE_SOURCE,
+    bind_source,
+    common_dir,
+    dataset_places,
+    parse_branches,
+)
 
 MiB = 1 << 20
 TIER = {"mediumType": "SSD", "path": "/mnt/ssd", "quota": 2 << 30, "high": "0.9", "low": "0.7"}
@@ -272,3 +282,90 @@ async def test_directories_follow_the_dataset_and_wait_for_its_unstage(tmp_path:
     await caches.report()
     assert events.appended[-1][2] == [NodeCacheReported(
         node="node-a", dataset="ns/ds", cached_bytes=0, capacity_bytes=0)]  # fmt: skip
+
+
+# -- a dataset of several mounts: one tree ---------------------------------------------------------
+
+TWO = [{"name": "train", "path": "/vols/v1/train", "read_only": True, "volume": "v1"},
+       {"name": "labels", "path": "/vols/v2/labels", "read_only": False, "volume": "v2"}]  # fmt: skip
+
+
+def test_branches_are_directory_names_of_plain_paths():
+    branches = parse_branches(json.dumps(TWO))
+    assert branches == [Branch("train", "/vols/v1/train", True),
+                        Branch("labels", "/vols/v2/labels", False)]  # fmt: skip
+    assert parse_branches(TWO) == branches  # as the events carry them
+    assert parse_branches(json.dumps(TWO[:1])) == [] and parse_branches("") == []  # one mount
+    assert common_dir(branches) == "/vols"
+    assert common_dir([Branch("a", "/x/a"), Branch("b", "/y")]) == "/"
+    assert bind_source("/fs", "/vols", branches[1]) == "/fs/v2/labels"
+    assert bind_source("/fs", "/vols/v1/train", branches[0]) == "/fs"
+    for bad in ([TWO[0], {**TWO[1], "name": "train"}],  # two of one name
+                [TWO[0], {**TWO[1], "name": "a/b"}], [TWO[0], {**TWO[1], "name": ".."}],
+                [TWO[0], {**TWO[1], "name": ""}], [TWO[0], {**TWO[1], "path": "/vols/../etc"}],
+                [TWO[0], {**TWO[1], "path": "relative"}], [TWO[0], {**TWO[1], "path": "/"}],
+                [TWO[0], {**TWO[1], "read_only": "yes"}], [TWO[0], "not a mount"],
+                "[not json", {"name": "x"}):  # fmt: skip
+        with pytest.raises(InvalidArgument):
+            parse_branches(bad if isinstance(bad, str) else json.dumps(bad))
+
+
+def test_dataset_paths_map_through_the_mounts():
+    branches = parse_branches(TWO)
+    assert dataset_places(branches, "/") == [(branches[0], ""), (branches[1], "")]
+    assert dataset_places(branches, "/labels/a/./b/") == [(branches[1], "a/b")]
+    with pytest.raises(NotFound, match="no mount named 'private'"):
+        dataset_places(branches, "/private/x")
+    for bad in ("labels", "/labels/../../etc"):
+        with pytest.raises(InvalidArgument):
+            dataset_places(branches, bad)
+    tree = Layout.of("/vols/v1/train", TWO)
+    assert tree.base == "/vols" and tree.branches == tuple(branches)
+    assert tree.places("/m", "/") == [("/m/v1/train", "/m/v1/train"),
+                                      ("/m/v2/labels", "/m/v2/labels")]  # fmt: skip
+    assert tree.places("/m", "/train/sub") == [("/m/v1/train", "/m/v1/train/sub")]
+    fold = Datasets("node-a")
+    fold.apply(envelopes("ns/ds", DatasetBound(runtime="ds", uid="u", volume_handle="ns-ds",
+                                               pv="ns-ds", pvc="ds", mounts=TWO))[0])  # fmt: skip
+    view = fold.views["ns/ds"]
+    assert view.source == "/vols/v1/train" and Layout.of(view.source, view.mounts) == tree
+    one = Layout.of("/data/ds", TWO[:1])
+    assert one == Layout("/data/ds") and one.places("/m", "/sub") == [("/m", "/m/sub")]
+
+
+def test_the_volume_context_of_a_tree():
+    context = {"type": "dataset", "dataset": "ns/ds", "path": "/vols/v1/train",
+               "readOnly": "true", "mounts": json.dumps(TWO)}  # fmt: skip
+    parsed = DatasetContext.parse(context)
+    assert parsed.tree == tuple(parse_branches(TWO))
+    volume = Volume(volume_id="ns-ds", kind="shared", staging_path="/s", source="/vols/v1/train")
+    parsed.apply(volume, "/data/datasets/ns-ds/fs")
+    assert (volume.source, volume.fs_path, volume.mountpoint) == (
+        "/vols", "/data/datasets/ns-ds/fs", "/data/datasets/ns-ds/fs")  # fmt: skip
+    assert volume.read_only and [b.name for b in volume.tree] == ["train", "labels"]
+    single = DatasetContext.parse({**context, "mounts": json.dumps(TWO[:1])})
+    assert single.tree == ()  # one mount: the plain volume of `path`, as before trees
+    plain = Volume(volume_id="ns-ds", kind="shared", staging_path="/s", source="/d")
+    single.apply(plain, "/unused")
+    assert (plain.source, plain.fs_path, plain.mountpoint) == ("/d", "", "/s")
+    with pytest.raises(InvalidArgument, match="volume_context mounts"):
+        DatasetContext.parse({**context, "mounts": json.dumps([TWO[0], TWO[0]])})
+    assert Volume.from_json(volume.to_json()) == volume  # the state file keeps the tree
+
+
+def test_a_tree_is_read_back_from_the_mount_table(tmp_path: Path, monkeypatch):
+    staging = "/k/plugins/ns-ds/globalmount"
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        f"40 27 0:41 / {staging} ro,relatime - tmpfs {TREE_SOURCE} ro,size=64k\n"
+        f"41 40 0:43 /v1/train {staging}/train ro,nosuid - fuse.cairn cairn:fs ro\n"
+        f"42 40 0:43 /v2/labels {staging}/labels rw,nosuid - fuse.cairn cairn:fs rw\n"
+        "43 27 0:43 / /data/datasets/ns-ds/fs rw,nosuid - fuse.cairn cairn:fs rw\n"
+        f"44 27 0:44 / {staging}x/other rw - tmpfs x rw\n"
+    )  # fmt: skip
+    monkeypatch.setattr(mounts, "MOUNTINFO", str(info))
+    assert mounts.mounted_at(staging).source == TREE_SOURCE
+    assert mounts.mounted_at(f"{staging}/train").device == "0:43"
+    assert mounts.branches_at(staging, "/vols") == [Branch("train", "/vols/v1/train", True),
+                                                    Branch("labels", "/vols/v2/labels", False)]  # fmt: skip
+    assert mounts.branches_at("/elsewhere", "/vols") == []

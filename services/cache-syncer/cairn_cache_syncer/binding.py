@@ -4,6 +4,11 @@ mounts (`claimName: <dataset>`), named after the dataset.
 A mount is `cairn://<volume>[/path]` (a Cairn CSI volume, by id or by the name it was
 created with) or `pvc://<claim>[/path]` (a claim of the dataset's namespace bound to a
 csi.cairn.io PV). Either way it ends as a directory of the Cairn file system.
+
+A dataset of several mounts is served to pods as one tree: a directory per mount, named by
+the mount's `name` (by default the last element of its path, or the volume or claim), so
+names must be single path components and unique. The PV keeps the first mount's directory
+as `path` (what a node plugin from before trees mounts); `mounts` lists them all.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cairn import datasets as names
-from cairn.errors import FailedPrecondition, InvalidArgument, NotFound
+from cairn.errors import InvalidArgument, NotFound
 from cairn.kube.api import Obj
 
 DRIVER = "csi.cairn.io"
 CAPACITY = "100Pi"  # what the PV and PVC say: a dataset is not a sized volume
+NAME_MAX = 255  # bytes of one path component (the kernel's limit)
 
 
 def _clean(path: str) -> str:
@@ -50,10 +56,34 @@ def volume_path(volumes: dict[str, dict], ref: str) -> str | None:
     return None
 
 
+def mount_name(i: int, given: str, sub: str, ref: str) -> str:
+    """The directory name mount `i` gets in the dataset's tree: `given`, else the last
+    element of its path, else the volume or claim. InvalidArgument unless it is one plain
+    path component (pods see it as a directory name)."""
+    name = given or (sub.rsplit("/", 1)[-1] if sub else ref)
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise InvalidArgument(f"mount {i}: name {name!r} is not a directory name (one path "
+                              "component, not '.' or '..')")  # fmt: skip
+    if len(name.encode()) > NAME_MAX:
+        raise InvalidArgument(f"mount {i}: name {name[:32]!r}... is longer than {NAME_MAX} bytes")
+    return name
+
+
+def check_unique(mounts: list[dict[str, Any]]) -> None:
+    """InvalidArgument when two mounts would be the same directory of the tree."""
+    first: dict[str, int] = {}
+    for i, mount in enumerate(mounts):
+        j = first.setdefault(mount["name"], i)
+        if j != i:
+            raise InvalidArgument(f"mounts {j} and {i} are both named {mount['name']!r}: give "
+                                  "one of them another name")  # fmt: skip
+
+
 def resolve_mounts(dataset: Obj, volumes: dict[str, dict], claim_pv) -> list[dict[str, Any]]:
     """The dataset's mounts as [{name, path, read_only, volume}] with `path` a directory of
-    the file system. `claim_pv(namespace, claim)` gives the PV a claim is bound to (or None).
-    NotFound (a source that is not there yet) or InvalidArgument (one that never will be)."""
+    the file system and `name` its directory in the dataset's tree. `claim_pv(namespace,
+    claim)` gives the PV a claim is bound to (or None). NotFound (a source that is not there
+    yet) or InvalidArgument (one that never will be, or a name that cannot be a directory)."""
     namespace = dataset["metadata"]["namespace"]
     out = []
     for i, mount in enumerate(dataset.get("spec", {}).get("mounts") or []):
@@ -73,16 +103,13 @@ def resolve_mounts(dataset: Obj, volumes: dict[str, dict], claim_pv) -> list[dic
             base = (csi.get("volumeAttributes") or {}).get("path") or volume_path(volumes, volume)
             if not base:
                 raise NotFound(f"mount {i}: volume {volume} of claim {ref!r} has no directory")
-        name = mount.get("name") or (sub.rsplit("/", 1)[-1] if sub else ref)
+        name = mount_name(i, str(mount.get("name") or ""), sub, ref)
         path = posixpath.join(base, sub) if sub else base
         out.append({"name": name, "path": path, "read_only": mount.get("readOnly", True),
                     "volume": volume})  # fmt: skip
     if not out:
         raise InvalidArgument("the dataset has no mounts")
-    if len(out) > 1:
-        raise FailedPrecondition(
-            "datasets of more than one mount are not served yet: give one mountPoint"
-        )
+    check_unique(out)
     return out
 
 

@@ -21,7 +21,10 @@ the Kubernetes API):
   assigns paths to this node, the files under each path are loaded into the dataset's
   cache the way `cairn warmup` does it: inodes are collected on a mount of the dataset
   and sent to that mount's control socket. The mount used is the dataset's staged one
-  when it has one, otherwise a temporary read-only mount with the dataset's cache.
+  when it has one, otherwise a temporary read-only mount with the dataset's cache. A path
+  is one of the dataset's tree: with several mounts (tree.py) "/" is all of them and
+  "/<name>/sub" is below mount <name>, so the mount used is one of the mounts' common
+  directory (a staged tree's hidden mount) and each path is mapped through the mounts.
   DataLoadProgressed events go on the dataload's aggregate: cumulative, about once a
   second at most, and a last one with done=True (and error= when the load failed). A run
   this node has already finished, or one that is over, is skipped. Numbers reported never
@@ -74,7 +77,8 @@ from cairn.events.types import (
 from cairn.storage.cache import TEMP_PREFIX
 from cairn_nodeplugin import mounts
 from cairn_nodeplugin.node import check_dataset, check_shared_path
-from cairn_nodeplugin.state import Volume
+from cairn_nodeplugin.state import Branch, Volume
+from cairn_nodeplugin.tree import bind_source, common_dir, dataset_places, parse_branches
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +153,40 @@ def source_of(mounts_: Any) -> str:
     return ""
 
 
+def mounts_of(raw: Any) -> list[Any]:
+    """A DatasetBound's or RuntimeScaled's mounts, as a list ([] when they are none)."""
+    return list(raw) if isinstance(raw, list | tuple) else []
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a dataset's tree lies on a mount of file system directory `base`: the dataset is
+    `base` itself (one mount, no branches), or its branches lie below `base`."""
+
+    base: str
+    branches: tuple[Branch, ...] = ()
+
+    @classmethod
+    def of(cls, source: str, mounts_: Any) -> Layout:
+        """The layout of a dataset whose events say `mounts_` (first one: `source`).
+        InvalidArgument when its mounts cannot be a tree."""
+        branches = tuple(parse_branches(mounts_ if isinstance(mounts_, list | tuple) else []))
+        if branches:
+            return cls(common_dir(branches), branches)
+        return cls(source)
+
+    def places(self, root: str, path: str) -> list[tuple[str, str]]:
+        """Where dataset path `path` is on a mount of `base` at `root`: [(the directory the
+        walk must stay in, the path to walk)]."""
+        if not self.branches:
+            return [(root, local_path(root, path))]
+        out = []
+        for branch, inner in dataset_places(self.branches, path):
+            top = bind_source(root, self.base, branch)
+            out.append((top, local_path(top, "/" + inner)))
+        return out
+
+
 @dataclass
 class DatasetView:
     """One dataset as this node sees it from the events."""
@@ -156,7 +194,8 @@ class DatasetView:
     dataset: str  # "<ns>/<name>"
     cached: bool = False  # this node is one of its cache nodes
     tiers: list[Tier] = field(default_factory=list)
-    source: str = ""  # the directory of the file system the dataset is
+    source: str = ""  # the directory of the file system the dataset is (its first mount)
+    mounts: list[Any] = field(default_factory=list)  # all of them, as the events say
     tier_paths: set[str] = field(default_factory=set)  # every tier path its runtime named
 
     @property
@@ -199,11 +238,13 @@ class Datasets:
         view = self.views.get(envelope.aggregate_id) or DatasetView(envelope.aggregate_id)
         if isinstance(event, DatasetBound):
             view.source = source_of(event.mounts) or view.source
+            view.mounts = mounts_of(event.mounts) or view.mounts
         elif isinstance(event, RuntimeScaled):
             view.tiers = parse_tiers(event.tiers)
             view.tier_paths.update(t.path for t in view.tiers)
             view.cached = self.node_id in node_names(event.nodes)
             view.source = source_of(event.mounts) or view.source
+            view.mounts = mounts_of(event.mounts) or view.mounts
         elif isinstance(event, DatasetUnbound | DatasetDeleted):
             view.cached = False
         else:
@@ -639,8 +680,8 @@ class DatasetCaches:
         self._busy[dataset] = self._busy.get(dataset, 0) + 1
         try:
             await mounts.in_thread(lambda: make_dirs(view.dirs()))
-            async with self.tree(view) as root:
-                return await self.warm(root, dataset, paths, share)
+            async with self.tree(view) as (root, layout):
+                return await self.warm(root, layout, dataset, paths, share)
         finally:
             self._busy[dataset] -= 1
             if not self._busy[dataset]:
@@ -648,13 +689,14 @@ class DatasetCaches:
             self.poke()  # report the new numbers; finish a removal put off meanwhile
 
     @contextlib.asynccontextmanager
-    async def tree(self, view: DatasetView) -> AsyncIterator[str]:
-        """A mount of the dataset's tree: its staged mount when healthy, else a temporary
-        read-only mount with the dataset's cache (first tier), unmounted afterwards."""
+    async def tree(self, view: DatasetView) -> AsyncIterator[tuple[str, Layout]]:
+        """A mount of the dataset's tree and how the tree lies on it: its staged mount when
+        healthy (a staged tree's hidden one), else a temporary read-only mount with the
+        dataset's cache (first tier), unmounted afterwards."""
         volume = self.staged(view.dataset)
         if volume is not None and volume.kind == "shared":
             if not await self.keeper.problem(volume):
-                yield volume.staging_path
+                yield volume.mountpoint, Layout(volume.source, tuple(volume.tree))
                 return
         if not self.keeper.meta_url:
             raise FailedPrecondition("no file system for datasets: cairn-nodeplugin runs "
@@ -662,7 +704,10 @@ class DatasetCaches:
         if not view.source:
             raise FailedPrecondition(f"dataset {view.dataset} names no directory of the file "
                                      "system (RuntimeScaled has no mounts)")  # fmt: skip
-        source = check_shared_path(view.source)
+        layout = Layout.of(view.source, view.mounts)
+        # A tree's common directory may be the file system's root, which a plain volume's
+        # directory never is.
+        source = layout.base if layout.branches else check_shared_path(view.source)
         if view.tiers:
             tier = view.tiers[0]
             cache_dir, size = posixpath.join(tier.path, view.name), tier.quota or None
@@ -678,20 +723,20 @@ class DatasetCaches:
             f"warmup-{view.name}", self.keeper.meta_url, source, point, read_only=True,
             cache_dir=cache_dir, cache_size=size)  # fmt: skip
         try:
-            yield point
+            yield point, layout
         finally:
             await self._clear(point, pid)
 
-    async def warm(self, root: str, dataset: str, paths: list[str], share: Share) -> str:
-        """Loads the files under `paths` of the tree mounted at `root`, in batches over the
-        mount's control socket; the problems met ("" when none)."""
+    async def warm(self, root: str, layout: Layout, dataset: str, paths: list[str],
+                   share: Share) -> str:  # fmt: skip
+        """Loads the files under `paths` of the tree, on the mount at `root` laid out as
+        `layout` says, in batches over the mount's control socket; the problems met ("" when
+        none)."""
         groups: dict[str, dict[int, None]] = {}
         problems = []
         for path in paths:
-            local = local_path(root, path)
             try:
-                found, skipped = await mounts.in_thread(lambda local=local: collect_below(
-                    root, local), COLLECT_TIMEOUT)  # fmt: skip
+                found, skipped = await self._collect(root, layout, path)
             except PermanentError as error:
                 problems.append(f"{path}: {error}")
                 continue
@@ -708,6 +753,20 @@ class DatasetCaches:
         if failed:
             problems.append(f"{failed} block(s) could not be fetched")
         return "; ".join(problems)
+
+    @staticmethod
+    async def _collect(root: str, layout: Layout, path: str,
+                       ) -> tuple[dict[str, list[int]], list[str]]:  # fmt: skip
+        """The inodes under dataset path `path` (of every mount it covers), by socket."""
+        found: dict[str, list[int]] = {}
+        skipped: list[str] = []
+        for top, local in layout.places(root, path):
+            more, problems = await mounts.in_thread(lambda top=top, local=local: collect_below(
+                top, local), COLLECT_TIMEOUT)  # fmt: skip
+            for sock, inodes in more.items():
+                found.setdefault(sock, []).extend(inodes)
+            skipped += problems
+        return found, skipped
 
     async def _warm_batch(self, sock: str, inodes: list[int], share: Share) -> dict[str, Any]:
         """One warm-up request over the mount's control socket (as `cairn warmup` sends it),

@@ -1,6 +1,6 @@
 """The mounts of the node plugin: one `cairn mount` process per shared volume, bind mounts for
-staging (local volumes) and publishing (every volume), and the watcher that brings a dead
-mount back.
+staging (local volumes, the branches of a dataset's tree) and publishing (every volume), and
+the watcher that brings a dead mount back.
 
 A shared volume's mount process is started with `cairn mount --background` at the staging
 path: it returns once the mount answers, and the process it leaves runs in its own session,
@@ -16,6 +16,12 @@ detaches the stale bind (umount -l: a pod may hold files open in it) and binds t
 again, so the pod's next open works. With mount propagation from the host (kubelet's
 Bidirectional/HostToContainer), the new bind reaches the pod's container too.
 
+A dataset of several mounts (tree.py) has its mount process at a hidden directory of the
+plugin's data directory instead, and its staging path is a tree: a read-only tmpfs with a
+bind per branch. A publish binds that tree recursively; a repair restarts the process, binds
+the branches again, then the targets. The tree's root is a private mount, so binds made
+below it never propagate to the targets (the plugin rebinds those itself).
+
 Every blocking look at a path (stat on a mount that may hang) runs in a daemon thread with a
 timeout, so a stuck FUSE mount never stalls the plugin's event loop or its exit.
 """
@@ -28,6 +34,7 @@ import errno
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import signal
 import sys
@@ -51,7 +58,8 @@ from cairn.fuse.mount import mount_slug
 from cairn.telemetry import propagation
 from cairn.telemetry.tracing import tracer
 from cairn.threads import call_with_deadline
-from cairn_nodeplugin.state import Table, Target, Volume
+from cairn_nodeplugin import tree
+from cairn_nodeplugin.state import Branch, Table, Target, Volume
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,8 @@ class MountEntry:
     fstype: str
     source: str
     options: str
+    root: str = "/"  # the directory of the mounted file system seen here (a bind's source)
+    device: str = ""  # major:minor of the file system (a bind has its source mount's)
 
 
 def mount_table() -> list[MountEntry]:
@@ -90,6 +100,7 @@ def mount_table() -> list[MountEntry]:
             entries.append(MountEntry(
                 mountpoint=_unescape(fields[4]), fstype=fields[sep + 1],
                 source=_unescape(fields[sep + 2]), options=fields[5],
+                root=_unescape(fields[3]), device=fields[2],
             ))  # fmt: skip
     return entries
 
@@ -238,6 +249,73 @@ async def unmount_all(path: str) -> None:
     raise FailedPrecondition(f"{path} stays mounted")
 
 
+async def unmount_tree(path: str) -> None:
+    """Unmounts every mount at or below `path`, deepest first (a tree's branches, then its
+    root)."""
+    for point in mounts_below(path):
+        await unmount_all(point)
+
+
+async def mount_cmd(*argv: str) -> None:
+    """`mount` with `argv`; FailedPrecondition with its message when it fails."""
+    code, _, err = await run("mount", *argv)
+    if code != 0:
+        raise FailedPrecondition(f"mount {' '.join(argv)}: {last_line(err)}")
+
+
+async def bind_tree(source: str, target: str, read_only: bool = False) -> None:
+    """Binds `source` and every mount below it at `target` (a tree's branches come along);
+    read-only asks each of them to be remounted so (a recursive bind copies their flags)."""
+    code, _, err = await run("mount", "--rbind", source, target)
+    if code != 0:
+        raise FailedPrecondition(f"cannot bind {source} at {target}: {last_line(err)}")
+    if not read_only:
+        return
+    for point in mounts_below(target):
+        code, _, err = await run("mount", "-o", "remount,bind,ro", point)
+        if code != 0:
+            await unmount_tree(target)
+            raise FailedPrecondition(f"cannot make {point} read-only: {last_line(err)}")
+
+
+async def tree_root(path: str, names: list[str]) -> None:
+    """The root of a dataset's tree at `path`: a small read-only tmpfs holding a directory
+    per branch name. One already there is kept (its missing directories added)."""
+    entry = mounted_at(path)
+    if entry is None or (entry.fstype, entry.source) != ("tmpfs", tree.TREE_SOURCE):
+        await unmount_tree(path)  # a dead mount, or what another kind of staging left
+        await make_dir(path)
+        size = f"mode=0755,size=64k,nr_inodes={len(names) + 16}"
+        await mount_cmd("-t", "tmpfs", "-o", size, tree.TREE_SOURCE, path)
+        # Private: a branch bound again here must not reach the targets through
+        # propagation (they are bound again by the plugin, and an unmount there would
+        # come back here).
+        await mount_cmd("--make-private", path)
+        entry = mounted_at(path)
+    present = set(await in_thread(lambda: os.listdir(path)))  # the tmpfs's own entries
+    missing = [n for n in names if n not in present]
+    if missing:
+        await mount_cmd("-o", "remount,rw", path)
+        await in_thread(lambda: [os.mkdir(posixpath.join(path, n), 0o755) for n in missing])
+    if missing or entry is None or "ro" not in entry.options.split(","):
+        await mount_cmd("-o", "remount,ro", path)
+
+
+def branches_at(staging: str, source: str) -> list[Branch]:
+    """The branches bound below a tree's root at `staging`, read from the mount table (their
+    sources as directories of `source`, the directory the tree's mount serves): what a
+    restart without the state file knows of a tree."""
+    found: dict[str, Branch] = {}
+    for entry in mount_table():
+        if posixpath.dirname(entry.mountpoint) != staging:
+            continue
+        inner = entry.root.strip("/")
+        path = posixpath.join(source, inner) if inner else source
+        found[posixpath.basename(entry.mountpoint)] = Branch(
+            posixpath.basename(entry.mountpoint), path, "ro" in entry.options.split(","))  # fmt: skip
+    return list(found.values())
+
+
 # -- processes ----------------------------------------------------------------------------------
 
 
@@ -308,6 +386,7 @@ class MountProcesses:
     def __init__(self, data_dir: Path, cache_size: str = "1G", run: Path | None = None):
         self.logs = data_dir / "mounts"
         self.caches = data_dir / "cache"
+        self.trees = data_dir / "datasets"
         self.run_dir = run or short_run_dir(data_dir)
         self.cache_size = cache_size
 
@@ -321,6 +400,10 @@ class MountProcesses:
         except (OSError, ValueError, IndexError):
             return None
         return pid if serves(pid, staging) else None
+
+    def tree_fs(self, volume_id: str) -> str:
+        """Where the mount process of a dataset's tree mounts (pods never see it)."""
+        return str(self.trees / volume_id / "fs")
 
     def cache_path(self, volume_id: str) -> Path:
         """The block cache a volume's mount gets when it names none of its own."""
@@ -407,6 +490,13 @@ class MountProcesses:
         return found.get("--cache-dir", ""), int(size) if size.isdigit() else None
 
 
+async def _mount_problem(path: str) -> str:
+    """Why nothing usable is mounted at `path` ("" when a mount there answers)."""
+    if not is_mounted(path):
+        return f"{path} is not mounted"
+    return await path_problem(path)
+
+
 def short_run_dir(data_dir: Path) -> Path:
     """The mounts' run directory (PID files, control sockets), one per plugin data directory.
     Short, because a unix socket's path must fit in 107 bytes."""
@@ -489,20 +579,21 @@ class Keeper:
     # -- mounting ------------------------------------------------------------------------------
 
     async def mount_process(self, volume: Volume) -> int:
-        """Starts the volume's mount process at its staging path, or adopts the live one
-        already serving it (a process whose record was lost)."""
-        staging = volume.staging_path
-        running = self.processes.pid_of(staging)
-        if running and is_mounted(staging) and not await path_problem(staging):
+        """Starts the volume's mount process at its mountpoint (the staging path, or a tree's
+        hidden directory), or adopts the live one already serving it (a process whose record
+        was lost)."""
+        point = volume.mountpoint
+        running = self.processes.pid_of(point)
+        if running and is_mounted(point) and not await path_problem(point):
             log.info("volume %s: adopting mount process %d at %s", volume.volume_id, running,
-                     staging)  # fmt: skip
+                     point)  # fmt: skip
             return running
         if running:
             await terminate(running)
-        if is_mounted(staging):
-            await unmount(staging, lazy=True)  # a dead mount: detach it
+        if is_mounted(point):
+            await unmount(point, lazy=True)  # a dead mount: detach it
         return await self.processes.start(volume.volume_id, volume.meta_url, volume.source,
-                                          staging, volume.read_only, volume.cache_dir,
+                                          point, volume.read_only, volume.cache_dir,
                                           volume.cache_size)  # fmt: skip
 
     async def bind_local(self, volume: Volume) -> None:
@@ -512,8 +603,62 @@ class Keeper:
         await unmount_all(volume.staging_path)
         await bind(volume.source, volume.staging_path, volume.read_only)
 
+    async def build_tree(self, volume: Volume) -> None:
+        """A tree's staging path made whole: its root, then each branch bound from the hidden
+        mount (one missing or dead bound again, one that answers kept)."""
+        if not volume.tree:
+            raise FailedPrecondition(
+                f"the mounts of dataset volume {volume.volume_id} are unknown since a restart: "
+                "it is repaired when kubelet stages it again")  # fmt: skip
+        await tree_root(volume.staging_path, [b.name for b in volume.tree])
+        for branch in volume.tree:
+            where = posixpath.join(volume.staging_path, branch.name)
+            if not await self._branch_problem(volume, where):
+                continue
+            await unmount_all(where)  # a bind of the dead mount
+            source = await self._branch_source(volume, branch)
+            await bind(source, where, branch.read_only or volume.read_only)
+
+    async def _branch_source(self, volume: Volume, branch: Branch) -> str:
+        """Where `branch` is on the tree's hidden mount. NodeStage found real directories
+        there; a symlink put on the way since would be followed by the bind, and could lead
+        out of the file system: refused."""
+        source = tree.bind_source(volume.fs_path, volume.source, branch)
+        if await realpath(source) != source:
+            raise FailedPrecondition(f"{branch.path} of dataset volume {volume.volume_id} is "
+                                     "not a plain directory of the file system")  # fmt: skip
+        return source
+
+    async def take_down(self, volume: Volume) -> None:
+        """Undoes the staging of a shared volume: a tree's binds and root, then the mount
+        process (it flushes and exits), then a tree's hidden directory."""
+        if volume.fs_path:
+            await unmount_tree(volume.staging_path)
+        if volume.kind == "shared":
+            await self.processes.stop(volume.mountpoint, volume.pid)
+        if volume.fs_path:
+            await remove_dir(volume.fs_path)
+            await remove_dir(posixpath.dirname(volume.fs_path))
+
+    async def clear_leftover_tree(self, vid: str, staging: str) -> None:
+        """What an unrecorded tree of `vid` left (a crash between its mount and its record):
+        the tree at `staging`, the process at its hidden directory."""
+        entry = mounted_at(staging)
+        if entry is not None and entry.source == tree.TREE_SOURCE:
+            await unmount_tree(staging)
+        point = self.processes.tree_fs(vid)
+        pid = self.processes.pid_of(point)
+        if pid or is_mounted(point):
+            await self.processes.stop(point, pid or 0)
+            await remove_dir(point)
+            await remove_dir(posixpath.dirname(point))
+
     async def bind_target(self, volume: Volume, path: str, read_only: bool) -> None:
         await make_dir(path)
+        if volume.fs_path:  # a tree: the branches come along, each bound again
+            await unmount_tree(path)
+            await bind_tree(volume.staging_path, path, read_only or volume.read_only)
+            return
         await unmount_all(path)  # a stale bind of a dead mount
         await bind(volume.staging_path, path, read_only or volume.read_only)
 
@@ -521,20 +666,50 @@ class Keeper:
 
     async def problem(self, volume: Volume, path: str | None = None) -> str:
         """Why the volume is not usable at its staging path (and at `path`); "" if it is."""
-        if volume.kind == "shared" and not serves(volume.pid, volume.staging_path):
-            return f"mount process {volume.pid} of volume {volume.volume_id} is not running"
+        found = await self.mount_problem(volume)
+        if found:
+            return found
+        if volume.fs_path and not volume.tree:
+            return f"the mounts of dataset volume {volume.volume_id} are unknown"
         for where in dict.fromkeys((volume.staging_path, path or volume.staging_path)):
-            if not is_mounted(where):
-                return f"{where} is not mounted"
-            found = await path_problem(where)
+            found = await self.target_problem(volume, where)
             if found:
                 return found
         return ""
 
+    async def mount_problem(self, volume: Volume) -> str:
+        """Why a shared volume's mount process does not serve it ("" if it does)."""
+        if volume.kind == "shared" and not serves(volume.pid, volume.mountpoint):
+            return f"mount process {volume.pid} of volume {volume.volume_id} is not running"
+        if volume.fs_path:
+            return await _mount_problem(volume.fs_path)
+        return ""
+
+    async def target_problem(self, volume: Volume, path: str) -> str:
+        """Why the volume's mount at `path` (staging path or target; a tree's with its
+        branches) does not answer ("" if it does)."""
+        found = await _mount_problem(path)
+        for branch in volume.tree if volume.fs_path else ():
+            if found:
+                break
+            found = await self._branch_problem(volume, posixpath.join(path, branch.name))
+        return found
+
+    async def _branch_problem(self, volume: Volume, where: str) -> str:
+        """Why the bind of a tree's branch at `where` is not one of its live mount. A bind
+        of a killed mount may still answer stat from the kernel's cached attributes, so it is
+        told by its device: not the one mounted at the hidden place now."""
+        entry, serving = mounted_at(where), mounted_at(volume.fs_path)
+        if entry is None:
+            return f"{where} is not mounted"
+        if serving is None or entry.device != serving.device:
+            return f"{where} is bound from a mount that is gone"
+        return await path_problem(where)
+
     async def broken_targets(self, volume: Volume) -> list[str]:
         """The targets of `volume` whose bind is gone or dead."""
         return [path for path in list(volume.targets)
-                if not is_mounted(path) or await path_problem(path)]  # fmt: skip
+                if await self.target_problem(volume, path)]  # fmt: skip
 
     def unrepaired(self) -> list[Volume]:
         """Volumes the watcher tried and failed to repair."""
@@ -570,27 +745,28 @@ class Keeper:
 
     async def recover(self, volume: Volume, secrets: Mapping[str, str], trace: dict) -> None:
         """Brings a staged volume back: a new mount process (shared) or bind (local) at the
-        staging path when that is dead or gone, then every target that needs it bound
-        again. Appends MountRecovered when anything was repaired."""
+        staging path when that is dead or gone (a tree's branches bound again), then every
+        target that needs it bound again. Appends MountRecovered when anything was
+        repaired."""
         reason = await self.problem(volume)
         old_pid = volume.pid
+        remounted = False
         if reason:
             log.warning("volume %s: %s: restoring its mount", volume.volume_id, reason)
             if volume.kind == "shared":
-                if not volume.source:  # rebuilt from events alone, its process gone
-                    raise FailedPrecondition(
-                        f"the directory of volume {volume.volume_id} is unknown since a restart:"
-                        " it is repaired when kubelet stages it again")  # fmt: skip
-                volume.meta_url = secrets.get(SECRET_META_URL) or volume.meta_url or (
-                    self._known_url(volume))  # fmt: skip
-                if serves(volume.pid, volume.staging_path):
-                    await terminate(volume.pid)  # its mount is dead: the process is stuck
-                await make_dir(volume.staging_path)
-                volume.pid = await self.mount_process(volume)
+                # A tree whose process serves may only have lost a bind: the process stays,
+                # and so do the targets' binds that still answer.
+                if not volume.fs_path or await self.mount_problem(volume):
+                    await self._restart(volume, secrets)
+                    remounted = True
+                if volume.fs_path:
+                    self.table.save()  # the new PID recorded before the binds
+                    await self.build_tree(volume)
             else:
                 await self.bind_local(volume)
+                remounted = True
             self.table.save()
-        broken = set(volume.targets) if reason else set(await self.broken_targets(volume))
+        broken = set(volume.targets) if remounted else set(await self.broken_targets(volume))
         rebound = []
         for target in list(volume.targets.values()):
             if target.path in broken:
@@ -604,6 +780,19 @@ class Keeper:
         await self.emit(volume.volume_id, MountRecovered(
             node=self.node_id, staging_path=volume.staging_path, old_pid=old_pid,
             new_pid=volume.pid, targets=rebound), trace)  # fmt: skip
+
+    async def _restart(self, volume: Volume, secrets: Mapping[str, str]) -> None:
+        """A new mount process for a shared volume whose mount is dead or gone."""
+        if not volume.source:  # rebuilt from events alone, its process gone
+            raise FailedPrecondition(
+                f"the directory of volume {volume.volume_id} is unknown since a restart:"
+                " it is repaired when kubelet stages it again")  # fmt: skip
+        volume.meta_url = secrets.get(SECRET_META_URL) or volume.meta_url or (
+            self._known_url(volume))  # fmt: skip
+        if serves(volume.pid, volume.mountpoint):
+            await terminate(volume.pid)  # its mount is dead: the process is stuck
+        await make_dir(volume.mountpoint)
+        volume.pid = await self.mount_process(volume)
 
     def _known_url(self, volume: Volume) -> str:
         if volume.meta == "default" and self.meta_url:
@@ -646,7 +835,7 @@ class Keeper:
                 volumes[vid] = volume
             for vid, volume in cached.items():  # its events may still wait in the outbox
                 if vid not in volumes and (is_mounted(volume.staging_path) or serves(
-                        volume.pid, volume.staging_path)):  # fmt: skip
+                        volume.pid, volume.mountpoint)):  # fmt: skip
                     volumes[vid] = volume
             self.table.volumes = volumes
         for volume in self.table:
@@ -659,11 +848,17 @@ class Keeper:
     def _from_history(self, seen: Any) -> Volume | None:
         """A volume known only from its events, its details read from the system."""
         staging = seen.staging_path
-        pid = self.processes.pid_of(staging) or (seen.pid if serves(seen.pid, staging) else 0)
         entry = mounted_at(staging)
+        # A dataset's tree: its root at the staging path, or its process at the hidden place.
+        fs_path = self.processes.tree_fs(seen.volume_id)
+        if not ((entry is not None and entry.source == tree.TREE_SOURCE)
+                or self.processes.pid_of(fs_path)):  # fmt: skip
+            fs_path = ""
+        point = fs_path or staging
+        pid = self.processes.pid_of(point) or (seen.pid if serves(seen.pid, point) else 0)
         volume = Volume(volume_id=seen.volume_id, kind="shared", staging_path=staging,
                         source="", pid=pid, log=str(self.processes.log_path(seen.volume_id)),
-                        staged_at=time.time())  # fmt: skip
+                        staged_at=time.time(), fs_path=fs_path)  # fmt: skip
         if pid:
             volume.source, volume.read_only = self.processes.options_of(pid)
             # A dataset's mount caches in its tier: a repair must start it with that cache
@@ -671,6 +866,10 @@ class Keeper:
             cache_dir, cache_size = self.processes.cache_of(pid)
             if cache_dir and cache_dir != str(self.processes.cache_path(seen.volume_id)):
                 volume.cache_dir, volume.cache_size = cache_dir, cache_size
+            if fs_path:
+                volume.tree = branches_at(staging, volume.source)
+        elif fs_path:
+            volume.pid = seen.pid  # its process dead: repaired when kubelet stages it again
         elif seen.node or (entry is not None and not entry.fstype.startswith("fuse")):
             source = seen.path or (os.path.join(self.local_root, seen.volume_id)
                                    if self.local_root else "")  # fmt: skip
@@ -691,9 +890,9 @@ class Keeper:
         """Live PID and URL of a restored volume; targets no longer there dropped (one not
         mounted whose directory is still there is bound again by the watcher)."""
         if volume.kind == "shared":
-            if not serves(volume.pid, volume.staging_path):
-                volume.pid = self.processes.pid_of(volume.staging_path) or volume.pid
-            if serves(volume.pid, volume.staging_path):
+            if not serves(volume.pid, volume.mountpoint):
+                volume.pid = self.processes.pid_of(volume.mountpoint) or volume.pid
+            if serves(volume.pid, volume.mountpoint):
                 url = self.processes.url_of(volume.pid)
                 if url:
                     volume.meta = "default" if url == self.meta_url else "secret"

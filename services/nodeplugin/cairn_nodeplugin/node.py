@@ -7,10 +7,15 @@
   volume (`type: dataset`, the static PV cairn-cache-syncer writes) is staged as a shared
   one, read-only when its `readOnly` says so, with its block cache in the dataset's
   directory of the runtime's first tier (`<cacheDir>/<ns>-<name>`, `cacheSize` bytes): the
-  cache this node's warm-ups filled (datasets.py), so the pod reads from there.
+  cache this node's warm-ups filled (datasets.py), so the pod reads from there. A dataset
+  of several mounts (`mounts` in the volume_context) is served as one tree (tree.py): its
+  one mount process serves the mounts' common directory at a hidden place of the plugin, and
+  the staging path holds a directory per mount, each a bind of that mount's directory
+  (read-only where the mount or the dataset is); with one mount, `path` is the directory.
 - NodePublishVolume bind-mounts the staging path at the pod's target path (read-only for a
   readonly request or a reader-only access mode); NodeUnpublishVolume undoes that and removes
-  the target directory; NodeUnstageVolume stops the mount process once no target uses it.
+  the target directory; NodeUnstageVolume stops the mount process once no target uses it
+  (a tree's binds undone first). A tree is bound at targets recursively, its branches along.
 - NodeGetVolumeStats answers from statvfs on the volume, which a Cairn mount answers from
   the directory's quota (bytes and inodes), and reports the volume abnormal while its mount
   is dead; NodeExpandVolume has nothing to do (the quota grew in the controller).
@@ -72,7 +77,8 @@ from cairn.rpc.gen import csi_pb2, csi_pb2_grpc
 from cairn.rpc.status import handle_servicer_errors
 from cairn.telemetry import propagation
 from cairn_nodeplugin import mounts
-from cairn_nodeplugin.state import Target, Volume
+from cairn_nodeplugin.state import Branch, Target, Volume
+from cairn_nodeplugin.tree import common_dir, parse_branches
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +178,7 @@ class DatasetContext:
     read_only: bool
     cache_dir: str = ""  # "" : the plugin's own cache for the volume
     cache_size: int | None = None
+    tree: tuple[Branch, ...] = ()  # several mounts: served as one tree of these branches
 
     @classmethod
     def parse(cls, context: Mapping[str, str]) -> DatasetContext:
@@ -188,12 +195,21 @@ class DatasetContext:
                 raise InvalidArgument(f"volume_context cacheSize {context['cacheSize'][:32]!r} "
                                       "is not a number of bytes")  # fmt: skip
             size = int(context["cacheSize"])
-        return cls(dataset, flag == "true", cache_dir, size)
+        try:
+            tree = tuple(parse_branches(context.get("mounts", "")))
+        except InvalidArgument as error:
+            raise InvalidArgument(f"volume_context mounts: {error}") from None
+        return cls(dataset, flag == "true", cache_dir, size, tree)
 
-    def apply(self, volume: Volume) -> None:
+    def apply(self, volume: Volume, fs_path: str = "") -> None:
+        """The dataset's part of the volume's record; a tree's mount serves the branches'
+        common directory at `fs_path`."""
         volume.dataset, volume.cache_dir, volume.cache_size = (
             self.dataset, self.cache_dir, self.cache_size)  # fmt: skip
         volume.read_only = volume.read_only or self.read_only
+        if self.tree:
+            volume.tree, volume.source, volume.fs_path = (
+                list(self.tree), common_dir(self.tree), fs_path)  # fmt: skip
 
 
 def meta_problem(url: str) -> str:
@@ -306,13 +322,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             volume = self.table.get(vid)
             if volume is not None:
                 _check_restage(volume, staging, cap)
-                if volume.kind == "shared" and not volume.source:  # rebuilt from events
-                    volume.source = check_shared_path(request.volume_context.get("path", ""))
-                    self.table.save()
-                if (request.volume_context.get("type") == "dataset" and not volume.dataset
-                        and volume.kind == "shared"):  # fmt: skip
-                    DatasetContext.parse(request.volume_context).apply(volume)
-                    self.table.save()
+                self._complete(volume, request.volume_context)
                 if await self.keeper.problem(volume):
                     await self.keeper.recover(volume, dict(request.secrets), trace)
                 return csi_pb2.NodeStageVolumeResponse()
@@ -340,6 +350,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if volume.dataset:
             self.datasets_changed()
         return csi_pb2.NodeStageVolumeResponse()
+
+    def _complete(self, volume: Volume, context: Mapping[str, str]) -> None:
+        """What a volume rebuilt from the events lacks, from kubelet's NodeStage again: its
+        directory, its dataset (and a dataset's tree)."""
+        if volume.kind != "shared":
+            return
+        changed = False
+        if context.get("type") == "dataset" and not volume.dataset:
+            DatasetContext.parse(context).apply(
+                volume, self.keeper.processes.tree_fs(volume.volume_id))  # fmt: skip
+            changed = True
+        if not volume.source:
+            volume.source = check_shared_path(context.get("path", ""))
+            changed = True
+        if changed:
+            self.table.save()
 
     def _meta_url(self, context: Mapping[str, str], secrets: Mapping[str, str]) -> tuple[str, str]:
         """(META_URL, "default" | "secret") of a shared volume's file system."""
@@ -376,6 +402,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise FailedPrecondition(f"volume {vid} lives on file system {wanted}, not on "
                                      f"{meta.fmt.uuid}")  # fmt: skip
         await find_dir(meta, path)
+        for branch in dataset.tree if dataset is not None else ():
+            await find_dir(meta, branch.path)
         volume = Volume(
             volume_id=vid, kind="shared", staging_path=staging, source=path,
             access_mode=cap.access_mode.mode, capability=fingerprint(cap),
@@ -383,12 +411,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             log=str(self.keeper.processes.log_path(vid)), staged_at=time.time(), meta_url=url,
         )  # fmt: skip
         if dataset is not None:
-            dataset.apply(volume)
+            dataset.apply(volume, self.keeper.processes.tree_fs(vid))
         self.table.put(volume)  # recorded first: a crash from here on is finished by a retry
         try:
-            await mounts.make_dir(staging)
+            await mounts.make_dir(volume.mountpoint)
             volume.pid = await self.keeper.mount_process(volume)
+            if volume.fs_path:
+                self.table.save()  # the PID, before the binds
+                await self.keeper.build_tree(volume)
         except BaseException:
+            if volume.fs_path:  # nothing of a half-made tree stays behind
+                with contextlib.suppress(CairnError, OSError):
+                    await self.keeper.take_down(volume)
             self.table.remove(vid)
             raise
         self.table.save()
@@ -451,7 +485,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if existing != wanted:
                     raise AlreadyExists(f"volume {vid} is published at {target} with other "
                                         "arguments (readonly or capability)")  # fmt: skip
-                if mounts.is_mounted(target) and not await mounts.path_problem(target):
+                if not await self.keeper.target_problem(volume, target):
                     return csi_pb2.NodePublishVolumeResponse()
             else:
                 self._check_new_target(volume, target, cap)
@@ -492,6 +526,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if owner is not None:
                     raise NotFound(f"{target} is where volume {owner.volume_id} is published, "
                                    f"not {vid}")  # fmt: skip
+            if known and volume.fs_path:
+                await mounts.unmount_tree(target)  # a tree's branches, then its root
             await mounts.unmount_all(target)
             await mounts.remove_dir(target)
             if known:
@@ -517,8 +553,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if volume.targets:
                 raise FailedPrecondition(f"volume {vid} is still published at "
                                          f"{', '.join(sorted(volume.targets))}")  # fmt: skip
-            if volume.kind == "shared":
-                await self.keeper.processes.stop(staging, volume.pid)
+            await self.keeper.take_down(volume)
             await mounts.unmount_all(staging)
             self.table.remove(vid)
         log.info("volume %s unstaged from %s", vid, staging)
@@ -536,6 +571,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         pid = self.keeper.processes.pid_of(staging)
         if pid:
             await self.keeper.processes.stop(staging, pid)
+        await self.keeper.clear_leftover_tree(vid, staging)
         await mounts.unmount_all(staging)
 
     # -- stats and expansion ----------------------------------------------------------------
@@ -547,7 +583,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         usage = []
         if not problem:
             try:
-                usage = _usage(await mounts.statvfs(path))
+                # A tree's root is a tmpfs: its mount answers for the dataset's directories.
+                usage = _usage(await mounts.statvfs(volume.fs_path or path))
             except (OSError, DeadlineExceeded) as error:
                 problem = f"{path}: {getattr(error, 'strerror', None) or error}"
         return csi_pb2.NodeGetVolumeStatsResponse(
@@ -566,7 +603,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             # Nothing to do here: the quota grew in the controller, and the mount answers
             # statvfs from it.
             with contextlib.suppress(OSError, DeadlineExceeded):
-                st = await mounts.statvfs(path)
+                st = await mounts.statvfs(volume.fs_path or path)
                 size = max(size, st.f_blocks * st.f_frsize)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 

@@ -44,6 +44,16 @@ class Target:
     capability: str = ""  # fingerprint of the NodePublish's volume capability
 
 
+@dataclass(frozen=True)
+class Branch:
+    """One mount of a dataset served as a tree: directory `name` of the staging path, a bind
+    of directory `path` of the file system (read-only when the mount or the dataset is)."""
+
+    name: str
+    path: str
+    read_only: bool = True
+
+
 @dataclass
 class Volume:
     """A volume staged on this node."""
@@ -66,16 +76,28 @@ class Volume:
     dataset: str = ""
     cache_dir: str = ""
     cache_size: int | None = None
+    # A dataset of several mounts (tree.py): its mount process serves `source` (the mounts'
+    # lowest common directory) at `fs_path`, a hidden place of the plugin, and the staging
+    # path is a small tree of binds, one per branch. "" and []: any other volume.
+    fs_path: str = ""
+    tree: list[Branch] = field(default_factory=list)
     # In memory only: never written to the state file.
     meta_url: str = field(default="", repr=False, compare=False)
     problem: str = field(default="", compare=False)  # why it is not healthy, "" when it is
     failures: int = field(default=0, compare=False)  # recoveries failed in a row
     retry_at: float = field(default=0.0, compare=False)  # monotonic time of the next attempt
 
+    @property
+    def mountpoint(self) -> str:
+        """Where a shared volume's mount process mounts: the staging path, or for a tree
+        the hidden directory its branches are bound from."""
+        return self.fs_path or self.staging_path
+
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in _MEMORY_ONLY}  # fmt: skip
         data["targets"] = {p: dataclasses.asdict(t) for p, t in self.targets.items()}
+        data["tree"] = [dataclasses.asdict(b) for b in self.tree]
         return data
 
     @classmethod
@@ -85,11 +107,14 @@ class Volume:
         targets = {p: Target(**{k: v for k, v in t.items() if k in _TARGET_FIELDS})
                    for p, t in (data.get("targets") or {}).items()}  # fmt: skip
         known["targets"] = targets
+        known["tree"] = [Branch(**{k: v for k, v in b.items() if k in _BRANCH_FIELDS})
+                         for b in (data.get("tree") or [])]  # fmt: skip
         return cls(**known)
 
 
 _MEMORY_ONLY = frozenset({"meta_url", "problem", "failures", "retry_at"})
 _TARGET_FIELDS = frozenset(f.name for f in dataclasses.fields(Target))
+_BRANCH_FIELDS = frozenset(f.name for f in dataclasses.fields(Branch))
 
 
 class StateFile:
