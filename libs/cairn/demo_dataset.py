@@ -84,8 +84,9 @@ async def run(stack: Any, volume_id: str, tier: str, say) -> None:
                 if dls.get("phase") in ("Complete", "Failed"):
                     break
                 await asyncio.sleep(0.2)
-            progress.done(f"DataLoad {dls['phase']}: {dls.get('progress', '')} in "
-                          f"{dls.get('duration', '')}")  # fmt: skip
+            progress.done(f"{dls.get('progress', '')} loaded")
+        say(f"DataLoad warmup {dls['phase']}: {dls.get('progress', '')} in "
+            f"{dls.get('duration', '')}")  # fmt: skip
         # the node plugin's next cache report shows it; ufsTotal counts space as du does (4 KiB
         # pages, directories too), so a complete cache reads a little under 100 % of it
         ds = await _until(api, names.DATASET, lambda s: float(s.get("cacheStates", {}).get(

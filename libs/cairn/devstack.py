@@ -178,12 +178,30 @@ def down(state_dir: str | Path, say: Callable[[str], None] = print) -> list[str]
     stack = load(state_dir)
     if stack is None:
         raise FailedPrecondition(f"no local stack in {state_dir}: nothing to stop")
-    if stack.kubelet_dir:
-        for mountpoint in _mounts_below(stack.kubelet_dir):
+    # The node plugin first: its watcher would restart the mount processes of volumes still
+    # staged as soon as their mounts went away. Then what it left mounted (volumes still
+    # staged when the demo failed, dataset trees): their mount processes go by their PIDs
+    # (SIGTERM flushes and unmounts), and whatever is left is detached.
+    stopped = []
+    plugin = stack.processes.get("cairn-nodeplugin")
+    if plugin is not None and _runs(plugin):
+        stop_pid(plugin["pid"], timeout=10)
+        stopped.append("cairn-nodeplugin")
+        say(f"stopped cairn-nodeplugin (pid {plugin['pid']})")
+    tracked = {info["pid"] for info in stack.processes.values()}
+    ours = {os.path.realpath(i["mountpoint"]) for i in stack.processes.values()
+            if "mountpoint" in i}  # fmt: skip
+    for mountpoint in _mounts_below(stack.state_dir):
+        if mountpoint in ours:
+            continue  # the dev mount: stopped below, with the servers
+        pid = _mount_process(mountpoint)
+        if pid and pid not in tracked:
+            stop_pid(pid, timeout=30)
+            say(f"stopped the mount process of {mountpoint} (pid {pid})")
+        if mountpoint in _mounts_below(stack.state_dir):
             subprocess.run(["umount", "-l", mountpoint], capture_output=True, timeout=60,
                            check=False)  # fmt: skip
             say(f"unmounted {mountpoint}")
-    stopped = []
     for name, info in reversed(list(stack.processes.items())):
         if _runs(info):
             stop_pid(info["pid"], timeout=60 if "mountpoint" in info else 10)
@@ -240,6 +258,21 @@ async def _format(meta_url: str, storage_url: str) -> None:
     from cairn.meta.engine import Format, format_volume
 
     await format_volume(meta_url, Format(name=DEV_VOLUME, storage=storage_url))
+
+
+def _mount_process(mountpoint: str) -> int | None:
+    """The PID of the `cairn mount` process serving `mountpoint`, if one runs."""
+    wanted = mountpoint.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"cairn.cli.main" in argv and b"mount" in argv and wanted in argv:
+            return int(entry)
+    return None
 
 
 def _mounts_below(root: str) -> list[str]:

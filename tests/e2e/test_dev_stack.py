@@ -104,6 +104,40 @@ def test_demo_once_shows_everything_and_cleans_up(tmp_path):
     story = result.stdout.split("its story from the event stream")[1]
     for event in ("VolumeRequested", "VolumeProvisioned", "VolumeStaged", "VolumePublished"):
         assert event in story
+    dataset = story.split("a dataset on that volume")[1]
+    assert "dataset Bound" in dataset and "DataLoad warmup Complete" in dataset
+    assert "cacheStates: cached 16.00MiB" in dataset
+    for event in ("DatasetBound", "RuntimeScaled", "NodeLabelled", "DataLoadFinished"):
+        assert event in dataset
     info = json.loads((state / "endpoints.json").read_text())
     assert info["processes"] == {}
     assert str(state / "mnt") not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_down_stops_the_mounts_of_volumes_left_staged(stack):
+    """A demo that failed half-way leaves a volume staged: `down` stops its mount process
+    (the node plugin first, or its watcher would restart it) and leaves nothing mounted."""
+    state = stack["state_dir"]
+    created = subprocess.run([CAIRN, "volume", "create", "left", "--size", "16M"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "CAIRN_DEV_STATE": state})  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    volume = created.stdout.split()[1]
+    staged = subprocess.run([CAIRN, "volume", "stage", volume], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "CAIRN_DEV_STATE": state})  # fmt: skip
+    assert staged.returncode == 0, staged.stderr
+    mount_pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and
+                  state.encode() in _cmdline(int(p)) and b"mount" in _cmdline(int(p))]  # fmt: skip
+    assert mount_pids, "no mount process for the staged volume"
+    down = cairn("dev", "down", "--state-dir", state)
+    assert down.returncode == 0, down.stderr
+    assert not any(alive(pid) for pid in mount_pids), down.stdout
+    with open("/proc/self/mountinfo") as f:
+        assert not [line for line in f if state in line], down.stdout
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
