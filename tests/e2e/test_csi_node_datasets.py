@@ -277,3 +277,26 @@ async def test_dataset_cached_warmed_served_and_dropped(cluster, store):
     count = len(await cache_reports(store))
     await asyncio.sleep(2)
     assert len(await cache_reports(store)) == count  # and no more heartbeats for it
+
+
+async def test_failed_stage_leaves_no_fact_behind_under_a_custom_kubelet_root(cluster, store):
+    """Fluid's users see nodes keep a dataset's label after a NodeStage that failed, and mounts
+    break when kubelet's root is not /var/lib/kubelet. Here kubelet's root is a directory of
+    the test's own, and a NodeStage that fails (its directory is not in the file system)
+    appends no VolumeStaged, the only fact a node label is derived from, and leaves no mount."""
+    import grpc
+
+    assert not str(cluster.kubelet).startswith("/var/lib/kubelet")
+    handle = "team-broken"
+    context = {"type": "dataset", "dataset": "team/broken", "path": "/no/such/dir",
+               "readOnly": "true"}  # fmt: skip
+    staging = staging_of(cluster, handle)
+    async with connect(cluster.node_csi) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await csi_pb2_grpc.NodeStub(channel).NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+                volume_id=handle, staging_target_path=staging, volume_capability=cap(),
+                volume_context=context))  # fmt: skip
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND, failed.value.details()
+    assert str(staging).startswith(str(cluster.kubelet))
+    assert [e.type for e in await store.load("volume", handle)] == []
+    assert not mounts_below(Path(staging).parent)
