@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,6 @@ from test_csi_node import (
     Mode,
     alive,
     cap,
-    format_fs,
     mount_points,
     read_file,
     readable,
@@ -42,9 +40,8 @@ from test_csi_node import (
     wait_until,
     write_errno,
 )
-from test_csi_node_datasets import cmdline, option, until
+from test_csi_node_datasets import cmdline, node_with_files, option, until
 
-from cairn import localstack
 from cairn.events import EventStore, JetStreamBus
 from cairn.events.types import DataLoadStarted, DatasetBound, RuntimeScaled
 from cairn.rpc.channel import connect
@@ -88,27 +85,8 @@ def write_files(c: base.Cluster) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    problem = base._fuse_problem()
-    if problem:
-        pytest.skip(problem)
-    root = tmp_path_factory.mktemp("tree")
-    nats = localstack.start_tcp(localstack.nats_server(root / "nats"))
-    c = base.Cluster(root=root, nats=nats, redis=localstack.redis_server(root / "redis"),
-                     store=root / "store")  # fmt: skip
-    try:
-        localstack.start_tcp(c.redis)
-        format_fs(c.redis.url, "fs", c.store)
-        write_files(c)
-        c.node_argv = [sys.executable, "-m", "cairn_nodeplugin", "--nats-url", nats.url,
-                       "--data-dir", str(root / "node-data"), "--csi-endpoint", c.node_csi,
-                       "--node-id", NODE, "--kubelet-dir", str(c.kubelet),
-                       "--meta-url", c.redis.url, "--local-root", str(c.local_root),
-                       "--watch-interval", "0.3", "--cache-report-interval", "1"]  # fmt: skip
-        c.start_node()
+    with node_with_files(tmp_path_factory, "tree", write_files) as c:
         yield c
-    finally:
-        c.stop_node()  # first: its watcher would bring back what the teardown unmounts
-        c.teardown()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ stopped by its PID."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -75,19 +76,22 @@ def write_dataset(c: base.Cluster) -> None:
         stop_mount(m)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@contextlib.contextmanager
+def node_with_files(tmp_path_factory, name: str, write: Callable[[base.Cluster], None]):
+    """nats-server, redis-server, a file system with `write`'s files and the node plugin
+    (cache reports every second); everything stopped after, the node plugin first (its
+    watcher would bring back what the teardown unmounts)."""
     problem = base._fuse_problem()
     if problem:
         pytest.skip(problem)
-    root = tmp_path_factory.mktemp("datasets")
+    root = tmp_path_factory.mktemp(name)
     nats = localstack.start_tcp(localstack.nats_server(root / "nats"))
     c = base.Cluster(root=root, nats=nats, redis=localstack.redis_server(root / "redis"),
                      store=root / "store")  # fmt: skip
     try:
         localstack.start_tcp(c.redis)
         format_fs(c.redis.url, "fs", c.store)
-        write_dataset(c)
+        write(c)
         c.node_argv = [sys.executable, "-m", "cairn_nodeplugin", "--nats-url", nats.url,
                        "--data-dir", str(root / "node-data"), "--csi-endpoint", c.node_csi,
                        "--node-id", NODE, "--kubelet-dir", str(c.kubelet),
@@ -96,7 +100,14 @@ def cluster(tmp_path_factory):
         c.start_node()
         yield c
     finally:
+        c.stop_node()
         c.teardown()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with node_with_files(tmp_path_factory, "datasets", write_dataset) as c:
+        yield c
 
 
 @pytest.fixture

@@ -40,7 +40,6 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -76,6 +75,7 @@ from cairn.events.types import (
 )
 from cairn.storage.cache import TEMP_PREFIX
 from cairn_nodeplugin import mounts
+from cairn_nodeplugin.history import remove_real_dir
 from cairn_nodeplugin.node import check_dataset, check_shared_path
 from cairn_nodeplugin.state import Branch, Volume
 from cairn_nodeplugin.tree import bind_source, common_dir, dataset_places, parse_branches
@@ -299,16 +299,7 @@ def remove_cache_dir(path: str) -> bool:
     parent, name = posixpath.split(path)
     if not plain_dir(parent) or not CACHE_NAME.fullmatch(name):
         raise PermanentError(f"{path!r} is not a dataset's cache directory: left alone")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISDIR(st.st_mode):
-        raise PermanentError(f"{path} is not a directory (a symlink?): left alone")
-    if os.path.ismount(path):
-        raise TemporaryError(f"{path} is mounted on")
-    shutil.rmtree(path)  # walks by file descriptors: never follows a symlink inside
-    return True
+    return remove_real_dir(path)
 
 
 def changed(old: tuple[int, int] | None, new: tuple[int, int]) -> bool:

@@ -82,6 +82,12 @@ def remove_local_dir(root: str, path: str) -> bool:
     if (not path.startswith("/") or os.path.normpath(path) != path
             or os.path.dirname(path) != root or os.path.basename(path) in ("", ".", "..")):  # fmt: skip
         raise PermanentError(f"{path!r} is not a directory of the local root {root}: left alone")
+    return remove_real_dir(path)
+
+
+def remove_real_dir(path: str) -> bool:
+    """Removes directory `path` and all in it when it is a real directory (not a symlink)
+    that nothing is mounted on; whether there was one."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
