@@ -149,6 +149,18 @@ def syncer(api, store, usage=None, expiry=30.0):
                        backoff=FAST)  # fmt: skip
 
 
+async def placed(api, s, replicas: int) -> list[str]:
+    """Declares the dataset with a runtime of `replicas` cache nodes; the nodes chosen."""
+    await api.create(names.DATASET, dataset())
+    await api.create(names.RUNTIME, runtime(replicas=replicas))
+
+    async def chosen():
+        d = s.facts.datasets.get(KEY)
+        return list(d.nodes) if d and len(d.nodes) == replicas else None
+
+    return await eventually(chosen, 10, f"{replicas} cache node(s)")
+
+
 async def get(api, kind, name, ns=NS):
     return await get_or_none(api, kind, name, ns)
 
@@ -267,14 +279,7 @@ async def test_dead_node_loses_labels_and_cache_node_is_replaced(store):
     await world(api, store)
     s = syncer(api, store, expiry=1.5)
     async with running(s.run()):
-        await api.create(names.DATASET, dataset())
-        await api.create(names.RUNTIME, runtime(replicas=1))
-
-        async def cache_node():
-            d = s.facts.datasets.get(KEY)
-            return d.nodes[0] if d and d.nodes else None
-
-        first = await cache_node() or await eventually(cache_node, 10, "a cache node")
+        (first,) = await placed(api, s, 1)
         uid = (await get(api, names.DATASET, "imagenet"))["metadata"]["uid"]
         s_label = names.cache_label(NS, "imagenet", uid)
         # a node whose NodeStage failed never staged: it never gets a fuse label; the cache
@@ -333,14 +338,7 @@ async def test_dataloads_run_one_at_a_time_and_fail_when_a_node_dies(store):
     await world(api, store)
     s = syncer(api, store, expiry=2.0)
     async with running(s.run()):
-        await api.create(names.DATASET, dataset())
-        await api.create(names.RUNTIME, runtime(replicas=2))
-
-        async def two():
-            d = s.facts.datasets.get(KEY)
-            return list(d.nodes) if d and len(d.nodes) == 2 else None
-
-        nodes = await eventually(two, 10, "two cache nodes")
+        nodes = await placed(api, s, 2)
         for n in nodes:
             await report(store, n, 0)
         await api.create(names.DATALOAD, dataload("warm", target=[
@@ -384,10 +382,7 @@ async def test_cron_dataload_runs_again_and_ttl_removes_it(store):
     await world(api, store)
     s = syncer(api, store)
     async with running(s.run()):
-        await api.create(names.DATASET, dataset())
-        await api.create(names.RUNTIME, runtime(replicas=1))
-        nodes = await eventually(plain(lambda: (s.facts.datasets.get(KEY) or None) and
-                                       s.facts.datasets[KEY].nodes), 10, "cache node")  # fmt: skip
+        nodes = await placed(api, s, 1)
         await report(store, nodes[0], 0)
         await api.create(names.DATALOAD, dataload("nightly", policy="Cron",
                                                   schedule="* * * * * */2"))  # fmt: skip
