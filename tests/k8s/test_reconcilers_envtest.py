@@ -12,6 +12,7 @@ from kubeharness import eventually, get_or_none, running
 
 from cairn.events import NodeCapacityReported
 from cairn.kube.api import (
+    EVENT,
     LEASE,
     NAMESPACE,
     POD,
@@ -63,6 +64,12 @@ async def test_claim_is_bound_and_deleted(kube, sa_kube, csi, events):
         assert pv["spec"]["capacity"]["storage"] == "1Gi"
         assert FINALIZER in pv["metadata"]["finalizers"]
         assert pv["spec"]["claimRef"]["uid"] == pvc["metadata"]["uid"]
+
+        async def recorded():  # an Event the provisioner wrote under its service account
+            found, _ = await kube.list(EVENT, ns)
+            return any(e["reason"] == "ProvisioningSucceeded" for e in found)
+
+        await eventually(recorded, 10, "ProvisioningSucceeded event")
         await kube.delete(PVC, "data", ns)
 
         async def pv_gone():
