@@ -53,7 +53,8 @@ async def server(api, certs):
 @pytest.fixture
 async def client(certs):
     trust = ssl.create_default_context(cafile=str(certs.ca_file))  # verifies name and chain
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust),
+                                     timeout=aiohttp.ClientTimeout(total=10)) as session:  # fmt: skip
         yield session
 
 
@@ -119,7 +120,7 @@ async def test_healthz_and_bad_requests(client, server):
 
 
 async def test_plain_http_is_refused(server):
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         with pytest.raises(aiohttp.ClientError):
             async with session.get(f"http://127.0.0.1:{server.port}/healthz") as answer:
                 await answer.read()

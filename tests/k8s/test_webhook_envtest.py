@@ -121,7 +121,10 @@ async def webhook_process(kubeconfig: str, certs, port: int, log: Path) -> Async
     out.close()  # the child has its own copy
     try:
         trust = ssl.create_default_context(cafile=str(certs.ca_file))
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
+        # a short timeout per probe: aiohttp's default (5 minutes) would outlast the test if
+        # the server took a connection and never answered it
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust),
+                                         timeout=aiohttp.ClientTimeout(total=2)) as session:  # fmt: skip
 
             async def healthy():
                 if process.returncode is not None:
@@ -129,7 +132,7 @@ async def webhook_process(kubeconfig: str, certs, port: int, log: Path) -> Async
                 try:
                     async with session.get(f"https://127.0.0.1:{port}/healthz") as answer:
                         return answer.status == 200
-                except aiohttp.ClientError:
+                except (aiohttp.ClientError, TimeoutError):
                     return False
 
             await poll(healthy, what="the webhook's /healthz")
