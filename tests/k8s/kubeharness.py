@@ -13,6 +13,7 @@ from typing import Any
 from cairn.errors import CairnError, NotFound
 from cairn.kube.api import KubeAPI, Obj
 from cairn.kube.memory import Binder
+from cairn.tasks import cancel_all
 
 __all__ = ["Binder", "eventually", "get_or_none", "running"]
 
@@ -24,9 +25,7 @@ async def running(*coros: Awaitable[Any]):
     try:
         yield tasks
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
 
 
 async def eventually(

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cairn.errors import AlreadyExists, DeadlineExceeded, InvalidArgument
+from cairn.errors import AlreadyExists, CairnError, DeadlineExceeded, InvalidArgument
 from cairn.kube.api import Conflict, Kind, KubeAPI, Obj
 
 CRD = Kind(
@@ -232,6 +232,23 @@ async def apply(api: KubeAPI, objects: Iterable[Obj], timeout: float = 60.0) -> 
     return done
 
 
+async def _served(api: KubeAPI, crd: Obj) -> bool:
+    """Does a list of the CRD's objects answer? Established comes a moment before the
+    apiserver's storage for them is ready ("storage is (re)initializing", a 503)."""
+    spec = crd.get("spec") or {}
+    names = spec.get("names") or {}
+    version = next((v["name"] for v in spec.get("versions") or [] if v.get("served")), None)
+    if version is None:
+        return True
+    kind = Kind(names.get("kind", ""), spec.get("group", ""), version, names.get("plural", ""),
+                spec.get("scope") == "Namespaced")  # fmt: skip
+    try:
+        await api.list(kind)
+    except CairnError:
+        return False
+    return True
+
+
 def established(crd: Obj) -> bool:
     conditions = (crd.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
@@ -243,7 +260,8 @@ async def wait_established(api: KubeAPI, names: Iterable[str], timeout: float = 
     deadline = time.monotonic() + timeout
     while waiting:
         crds: list[Any] = [await api.get(CRD, n) for n in waiting]
-        waiting = [n for n, crd in zip(waiting, crds, strict=True) if not established(crd)]
+        waiting = [n for n, crd in zip(waiting, crds, strict=True)
+                   if not established(crd) or not await _served(api, crd)]  # fmt: skip
         if not waiting:
             return
         if time.monotonic() > deadline:

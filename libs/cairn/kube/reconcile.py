@@ -16,7 +16,6 @@ default); a permanent failure goes to `on_permanent` and waits for the object to
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from cairn.errors import CairnError, UnavailableError
 from cairn.kube.api import Gone, Kind, KubeAPI, Obj, key_of
 from cairn.retry import Backoff
+from cairn.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,10 @@ class Controller:
         try:
             await asyncio.gather(*tasks)
         finally:
-            for task in tasks:
-                task.cancel()
             for timer in self._timers.values():
                 timer.cancel()
             self._timers.clear()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(tasks)
 
     async def _work(self) -> None:
         while True:

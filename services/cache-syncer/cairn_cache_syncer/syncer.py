@@ -67,6 +67,7 @@ from cairn.kube.api import (
 )
 from cairn.kube.reconcile import RECONCILE_BACKOFF, Controller, Informer
 from cairn.retry import Backoff
+from cairn.tasks import cancel_all
 from cairn_cache_syncer import binding, placement, status
 from cairn_cache_syncer import labels as node_labels
 from cairn_cache_syncer.facts import Facts, FactsFollower
@@ -137,9 +138,7 @@ class CacheSyncer:
             tasks.append(asyncio.create_task(self._resync_forever(), name="resync"))
             await asyncio.gather(*tasks)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(tasks)
 
     def queue_everything(self) -> None:
         for key in self.dataset_cache.cache:
